@@ -1,0 +1,108 @@
+"""Reading PyTorch-named state dicts and building Flax param trees from them (shared by all models).
+
+Each model module owns its name map (`dit.py`, `vae.py`, `eva02.py` expose a `from_torch_state_dict`
+function); this file holds the parts they share: reading `.safetensors` / `.npz` files, layout
+conversions (Linear and Conv transposes) and the strict bookkeeping that refuses a file with an
+unmapped, missing or mis-shaped tensor, listing them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from etils import epath
+from flax import traverse_util
+
+
+class WeightImportError(ValueError):
+    """A weight file does not fit the model: the message lists every offending tensor."""
+
+
+def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
+    """Reads a `.safetensors` or `.npz` state dict (PyTorch names) into float32/int numpy arrays.
+
+    `.npz` keys may carry a `param/` prefix (the golden files do); it is stripped.
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weight file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.numpy import load as st_load
+        tensors = st_load(path.read_bytes())
+    elif suffix == ".npz":
+        with path.open("rb") as f, np.load(f) as z:
+            tensors = {k: z[k] for k in z.files}
+        if any(k.startswith("param/") for k in tensors):
+            tensors = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+    else:
+        raise WeightImportError(f"{path}: unsupported weight format {suffix!r}; use .safetensors or .npz "
+                                "(convert a PyTorch .pt/.bin state dict with safetensors.torch.save_file)")
+    return {k: (v.astype(np.float32) if v.dtype in (np.float16, np.float64) or v.dtype.kind == "V" else v)
+            for k, v in tensors.items()}
+
+
+def linear(w: np.ndarray) -> np.ndarray:
+    """PyTorch Linear weight (out, in) → Flax Dense kernel (in, out)."""
+    return np.ascontiguousarray(np.asarray(w).T)
+
+
+def conv(w: np.ndarray) -> np.ndarray:
+    """PyTorch Conv2d weight (O, I, kH, kW) → Flax Conv kernel (kH, kW, I, O)."""
+    return np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0)))
+
+
+class StateDictReader:
+    """Hands out tensors by PyTorch name and remembers which were used.
+
+    Use `take(name, transform)` for every tensor a model consumes, then `finish(expected_tree)`:
+    it raises `WeightImportError` listing tensors never taken (unmapped), names asked for but absent
+    (missing), and leaves whose shapes differ from the model's.
+    """
+
+    def __init__(self, state_dict: Mapping[str, np.ndarray], source: str = "state dict"):
+        self.state_dict = dict(state_dict)
+        self.source = source
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+
+    def has(self, name: str) -> bool:
+        return name in self.state_dict
+
+    def take(self, name: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray | None:
+        if name not in self.state_dict:
+            self.missing.append(name)
+            return None
+        self.used.add(name)
+        value = np.asarray(self.state_dict[name])
+        return transform(value) if transform else value
+
+    def finish(self, params: Mapping[str, Any], expected: Mapping[str, Any] | None = None) -> dict:
+        """Checks completeness (and shapes against `expected`, e.g. `jax.eval_shape(model.init...)`)."""
+        problems = []
+        unused = sorted(set(self.state_dict) - self.used)
+        if unused:
+            problems.append(f"{len(unused)} tensor(s) in the file map to nothing in the model: " + ", ".join(unused))
+        if self.missing:
+            problems.append(f"{len(self.missing)} tensor(s) the model needs are not in the file: "
+                            + ", ".join(self.missing))
+        flat = traverse_util.flatten_dict(dict(params), sep="/")
+        if expected is not None:
+            want = traverse_util.flatten_dict(dict(expected), sep="/")
+            for key in sorted(set(want) - set(flat)):
+                problems.append(f"model parameter {key} {tuple(np.shape(want[key]))} was not produced by the map")
+            for key in sorted(set(flat) - set(want)):
+                problems.append(f"mapped parameter {key} does not exist in the model")
+            for key in sorted(set(flat) & set(want)):
+                if tuple(np.shape(flat[key])) != tuple(np.shape(want[key])):
+                    problems.append(f"shape mismatch at {key}: file gives {tuple(np.shape(flat[key]))}, "
+                                    f"model expects {tuple(np.shape(want[key]))}")
+        if problems:
+            raise WeightImportError(f"cannot import {self.source}:\n  - " + "\n  - ".join(problems))
+        return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def nested(flat: Mapping[str, Any]) -> dict:
+    """{'a/b/c': x} → {'a': {'b': {'c': x}}}; convenient for writing maps as flat paths."""
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if v is not None}, sep="/")

@@ -123,11 +123,17 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh,
     """
     specs = nn.get_partition_spec(abstract_tree)
     mesh_specs = nn.logical_to_mesh(specs, rules)
-    values = nn.meta.unbox(abstract_tree)
+    values = unbox(abstract_tree)
     return jax.tree.map(
         lambda x, spec: NamedSharding(mesh, _fit_spec_to_shape(spec if spec is not None else P(),
                                                                np.shape(x), mesh)),
         values, mesh_specs, is_leaf=lambda s: isinstance(s, P) or s is None)
+
+
+def unbox(tree: Any) -> Any:
+    """Strips Flax partitioning boxes without applying sharding constraints (safe outside jit)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -142,7 +148,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 def shard_params(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
     """Places a concrete, annotated params tree on the mesh; returns the unboxed, sharded tree."""
     shardings = logical_to_shardings(tree, mesh, rules)
-    return jax.device_put(nn.meta.unbox(tree), shardings)
+    return jax.device_put(unbox(tree), shardings)
 
 
 def global_batch_size(local_batch_size: int) -> int:

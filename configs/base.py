@@ -1,0 +1,126 @@
+"""The shared base every config derives from: all keys exist here, so overrides are checked against it.
+
+Not meant to be run directly: `configs/quickstart.py`, `dit_base.py`, `vae.py`, `classifier.py` and
+`study.py` start from `get_config()` and change what their run needs. Any key may be overridden on the
+command line, e.g. `--config.dit.train.steps=1000`; a key that is not here is an error.
+"""
+
+import ml_collections
+
+# NIH ChestX-ray14's 14 findings, in the dataset's own order.
+NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+              "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    """Optimisation settings shared by the three trainers (AdamW + warmup + cosine/constant, EMA)."""
+    train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        batch_size=64,             # global batch, split over all devices of all processes
+        lr=1e-4,
+        schedule="cosine",         # "cosine" | "constant" (after linear warmup)
+        warmup_steps=100,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        grad_clip=1.0,             # global-norm clip; 0 disables
+        ema_decay=0.999,
+        log_every=50,              # progress line + TensorBoard scalars
+        eval_every=500,
+        checkpoint_every=500,
+        checkpoint_keep=3,
+    ))
+    train.update(overrides)
+    return train
+
+
+def get_config(arg=None):
+    del arg
+    config = ml_collections.ConfigDict()
+    config.task = "study"          # train_classifier | train_vae | train_dit | sample | study
+    config.seed = 0
+
+    # Devices: (data, fsdp, tensor); -1 fills with whatever devices remain.
+    config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+    config.compute_dtype = "float32"   # "bfloat16" on accelerators; params stay float32
+    config.attention_impl = "xla"      # "xla" | "cudnn" (GPU, bf16 only)
+
+    config.data = ml_collections.ConfigDict(dict(
+        name="cxr_phantom",            # cxr_phantom | nih_chestxray14 | chexpert | medmnist
+        builder_config="64",           # TFDS builder config (resolution, variant)
+        data_dir="",                   # prepared TFDS data; "" = <workdir>/tfds
+        manual_dir="",                 # the dataset as downloaded (not used by cxr_phantom)
+        image_size=64,
+        labels=("Cardiomegaly", "Effusion", "Nodule"),   # classifier outputs, in this order
+        target_class="Cardiomegaly",   # the minority class the DiT learns
+        balanced_sampling=False,
+        num_workers=0,                 # Grain worker processes (0 = in the main process)
+        augment=ml_collections.ConfigDict(dict(
+            rotation_deg=5.0, scale=0.05, translate=0.03, brightness=0.05, contrast=0.05,
+            hflip=False,               # a flipped chest X-ray puts the heart on the wrong side
+        )),
+    ))
+
+    config.classifier = ml_collections.ConfigDict(dict(
+        model="S",                     # EVA-02 size: Ti | S | B
+        patch_size=14,
+        drop_path_rate=0.1,
+        layer_decay=0.75,              # layer-wise lr decay; 1.0 disables
+        pos_weight="",                 # "" | "balanced": up-weight positives by neg/pos ratio
+        init_from="",                  # Orbax checkpoint from tools/import_weights (timm EVA-02)
+        select_metric="auc/mean",      # validation metric that picks the kept ("best") parameters
+        train=train_config(lr=3e-4, weight_decay=0.05, ema_decay=0.0, steps=5000, batch_size=128),
+    ))
+
+    config.vae = ml_collections.ConfigDict(dict(
+        block_out_channels=(128, 256, 512, 512),   # f8: len - 1 = 3 downsamplings
+        layers_per_block=2,
+        latent_channels=4,
+        init_from="",                  # Orbax checkpoint from tools/import_weights (diffusers SD VAE)
+        kl_weight=1e-6,
+        ssim_weight=0.2,
+        gan_weight=0.5,                # adaptive-weighted PatchGAN hinge loss ...
+        gan_start_step=-1,             # ... switched on at this step (-1 = never)
+        train=train_config(lr=1e-4, ema_decay=0.0, steps=20000, batch_size=32),
+    ))
+
+    config.dit = ml_collections.ConfigDict(dict(
+        model="DiT-B/2",
+        learn_sigma=True,
+        class_conditional=False,       # False: unconditional on the target class only
+        class_dropout_prob=0.1,        # label dropout for classifier-free guidance
+        noise_schedule="linear",
+        diffusion_steps=1000,
+        vae_dir="",                    # trained/imported VAE (its scaling factor comes with it)
+        latent_cache_dir="",           # "" = <workdir>/latents
+        sample_every=5000,             # EMA sample grid to TensorBoard and the workdir
+        train=train_config(lr=1e-4, weight_decay=0.0, warmup_steps=0, schedule="constant",
+                           ema_decay=0.9999, steps=50000, batch_size=256, grad_clip=0.0,
+                           eval_every=5000, checkpoint_every=5000),
+    ))
+
+    config.sample = ml_collections.ConfigDict(dict(
+        dit_dir="",                    # workdir of a train_dit run
+        num_images=500,
+        class_name="Cardiomegaly",
+        sampler="ddim",                # "ddim" | "ddpm"
+        num_steps=50,                  # respaced steps
+        eta=0.0,                       # DDIM stochasticity
+        guidance_scale=1.0,            # CFG scale; > 1 needs a class-conditional DiT
+        batch_size=100,
+        out_dir="",                    # "" = <workdir>/samples
+    ))
+
+    config.study = ml_collections.ConfigDict(dict(
+        seeds=(0, 1, 2),               # classifier seeds per arm
+        num_synthetic=500,
+        synthetic_counts=(500,),       # arms: real + this many filtered synthetic images
+        synthetic_only_arm=False,
+        rerun_from="",                 # phase name: re-run it and everything after it
+        fidelity_threshold=0.5,        # baseline classifier probability for the target class
+        realism_percentile=95.0,       # k-NN distance to real minority images within this percentile
+        privacy_percentile=1.0,        # closer than this percentile of held-out → train distances
+        duplicate_threshold=0.98,      # pixel correlation above which two samples are duplicates
+        bootstrap_samples=1000,
+    ))
+    return config

@@ -1,0 +1,38 @@
+"""Quickstart: the whole study, tiny, on the embedded phantom data, on 2 CPU cores.
+
+Command (from the repository root):
+    python -m xray_dit.main --config=configs/quickstart.py --workdir=workdir/quickstart
+
+What it does: prepares 3,000 procedural chest radiographs at 64x64 (the `cxr_phantom` dataset,
+Cardiomegaly prevalence 5 %), trains a tiny EVA-02 baseline (3 seeds), a small f8 VAE (64 px → 8x8x4
+latents), a tiny DiT on the Cardiomegaly latents, generates 500 Cardiomegaly images, filters them,
+retrains the classifier on each arm and writes `workdir/quickstart/report.md` and `report.html`.
+Expected: the baseline's Cardiomegaly test AUC lands between 0.70 and 0.92 (learned, not saturated);
+the whole run stays under 15 minutes on 2 cores. The measured numbers are in the report.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+    config = base.get_config(arg)
+    config.task = "study"
+    config.data.update(name="cxr_phantom", builder_config="64", image_size=64, num_workers=0)
+
+    config.classifier.update(model="tiny", patch_size=8, drop_path_rate=0.0, layer_decay=1.0,
+                             pos_weight="balanced")
+    config.classifier.train.update(steps=300, batch_size=64, lr=1e-3, warmup_steps=30, weight_decay=0.05,
+                                   log_every=50, eval_every=100, checkpoint_every=100)
+
+    config.vae.update(block_out_channels=(32, 64, 64, 64), layers_per_block=1)
+    config.vae.train.update(steps=600, batch_size=32, lr=1e-3, warmup_steps=50, log_every=100,
+                            eval_every=300, checkpoint_every=300)
+
+    config.dit.update(model="DiT-tiny/2", diffusion_steps=1000)
+    config.dit.train.update(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine",
+                            ema_decay=0.999, log_every=500, eval_every=1500, checkpoint_every=1000)
+    config.dit.sample_every = 1500
+
+    config.sample.update(num_images=500, num_steps=50, batch_size=250)
+    config.study.update(seeds=(0, 1, 2), num_synthetic=500, synthetic_counts=(200,), bootstrap_samples=500)
+    return config

@@ -1,0 +1,83 @@
+"""A tiny regression task for testing the generic train loop (and runnable as a script for kill tests).
+
+    python tests/helpers/toy_task.py WORKDIR STEPS [KILL_AT_STEP]
+"""
+
+import os
+import sys
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+
+class ToyModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(16, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")))(x)
+        h = nn.gelu(h)
+        return nn.Dense(1, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")))(h)
+
+
+def toy_data(batch_size=16, seed=0, nan_at_batch=None):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 8)).astype(np.float32)
+    y = (x @ rng.normal(size=(8, 1)) + 0.1 * np.sin(3 * x[:, :1])).astype(np.float32)
+    ds = (grain.MapDataset.source(list(range(512))).seed(seed).shuffle().repeat()
+          .map(lambda i: {"x": x[i], "y": y[i]}).batch(batch_size, drop_remainder=True))
+    if nan_at_batch is not None:  # a corrupt batch: NaN in the input at this (0-based) batch index
+        ds = ds.map_with_index(lambda i, b: dict(b, x=b["x"] * np.float32("nan")) if i == nan_at_batch else b)
+    return iter(ds.to_iter_dataset())
+
+
+def toy_config(steps=20, **train):
+    from configs import base
+    config = base.get_config()
+    config.task = "toy"
+    config.dit.train.update(steps=steps, batch_size=16, lr=1e-2, warmup_steps=2, log_every=5,
+                            checkpoint_every=5, eval_every=0, ema_decay=0.9, grad_clip=1.0)
+    config.dit.train.update(train)
+    return config
+
+
+def toy_task(config, data=None):
+    from xray_dit.train import loop
+    model = ToyModel()
+
+    def loss_fn(params, batch, rng, step):
+        noise = 0.01 * jax.random.normal(rng, batch["y"].shape)
+        pred = model.apply({"params": params}, batch["x"])
+        mse = jnp.mean((pred - batch["y"] - noise) ** 2)
+        return mse, {"mse": mse}
+
+    return loop.TrainTask(name="toy", init_params=lambda r: model.init(r, jnp.zeros((1, 8)))["params"],
+                          loss_fn=loss_fn, train=config.dit.train, data=data or toy_data())
+
+
+def main():
+    workdir, steps = sys.argv[1], int(sys.argv[2])
+    kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    from xray_dit.train import loop
+    config = toy_config(steps=steps)
+    task = toy_task(config)
+    if kill_at is not None:
+        config.dit.train.eval_every = 1
+
+        def die_at(state, step):  # runs after update `step`, before that step's checkpoint
+            if step == kill_at:
+                os.kill(os.getpid(), 9)  # SIGKILL: no handler, no cleanup
+            return {}
+        task.evaluate = die_at
+    state = loop.train(config, workdir, task)
+    flat = jax.tree.leaves(jax.device_get(state["params"]))
+    np.savez(os.path.join(workdir, "final_params.npz"), *flat)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    main()

@@ -1,0 +1,157 @@
+"""Orbax checkpoints of a run: train state + data-iterator position + config, saved together.
+
+A rerun of the same command restores the newest complete checkpoint, so preemption costs at most the
+steps since the last save. Orbax writes each step into a temporary folder and renames it when
+complete, so a kill during a write leaves no checkpoint that looks finished; a latest checkpoint that
+is nevertheless unreadable (truncated files, a half-copied bucket) is skipped, with a warning, in
+favour of the one before it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    """The workdir holds checkpoints of a different model/config than the one being run."""
+
+
+def _abstract(tree: Any) -> Any:
+    """Restore target: shapes, dtypes and the *current* shardings (so a new mesh shape works)."""
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+    return jax.tree.map(leaf, tree)
+
+
+class Checkpointer:
+    """Saves every `every_steps` (and on demand), keeps the newest `keep`, restores the newest readable one."""
+
+    def __init__(self, directory: str | epath.PathLike, *, every_steps: int, keep: int = 3,
+                 async_save: bool = True):
+        self.directory = epath.Path(directory)
+        self.every_steps = int(every_steps)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            # Remove leftovers of writes that were killed half-way, so they are never mistaken for data.
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    @property
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def save(self, step: int, state: Any, *, data_iterator: Any = None,
+             config: ml_collections.ConfigDict | None = None, force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = _iterator_save_args(data_iterator)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(_jsonable_config(config))
+        if step in self.manager.all_steps():
+            return False
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            logging.info("checkpoint: saving step %d to %s", step, self.directory)
+        return saved
+
+    def restore(self, state_like: Any, *, data_iterator: Any = None, step: int | None = None) -> tuple[Any, int] | None:
+        """Restores onto the shardings of `state_like` (concrete or abstract); None if nothing to restore.
+
+        Tries the newest step first and falls back to older ones when a checkpoint cannot be read.
+        A checkpoint whose tree or shapes differ from `state_like` raises `IncompatibleCheckpointError`.
+        """
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        target = _abstract(state_like)
+        errors = []
+        for candidate in steps:
+            items = {"state": ocp.args.StandardRestore(target)}
+            if data_iterator is not None and self._has_item(candidate, "data"):
+                items["data"] = _iterator_restore_args(data_iterator)
+            try:
+                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+            except (ValueError, KeyError, TypeError) as e:
+                if _looks_incompatible(e):
+                    raise IncompatibleCheckpointError(
+                        f"the checkpoint at {self.directory / str(candidate)} does not match this model/config "
+                        f"({type(e).__name__}: {str(e)[:400]}). Use a new --workdir, or delete {self.directory} "
+                        "if you really mean to start over.") from e
+                errors.append((candidate, e))
+                logging.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
+                                candidate, self.directory, e)
+                continue
+            except Exception as e:  # noqa: BLE001 - any read failure of one step means: fall back
+                errors.append((candidate, e))
+                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
+                                candidate, self.directory, type(e).__name__, e)
+                continue
+            if errors:
+                logging.warning("resumed from step %d; newer unreadable checkpoints: %s", candidate,
+                                [s for s, _ in errors])
+            return restored["state"], candidate
+        if errors:
+            raise RuntimeError(f"no readable checkpoint in {self.directory}; tried steps "
+                               f"{[s for s, _ in errors]}; last error: {errors[-1][1]}")
+        return None
+
+    def restore_config(self, step: int | None = None) -> dict | None:
+        step = self.latest_step if step is None else step
+        if step is None or not self._has_item(step, "config"):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def _has_item(self, step: int, name: str) -> bool:
+        return (self.directory / str(step) / name).exists()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _looks_incompatible(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(word in text for word in ("shape", "structure", "tree", "missing", "unexpected key",
+                                         "does not match", "mismatch"))
+
+
+def _iterator_save_args(it):
+    import grain
+    if hasattr(it, "get_state"):
+        return grain.checkpoint.CheckpointSave(it)
+    raise TypeError(f"cannot checkpoint a data iterator of type {type(it).__name__}")
+
+
+def _iterator_restore_args(it):
+    import grain
+    return grain.checkpoint.CheckpointRestore(it)
+
+
+def _jsonable_config(config: ml_collections.ConfigDict) -> dict:
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (np.generic,)):
+            return v.item()
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return repr(v)
+    return clean(config.to_dict())

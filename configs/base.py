@@ -62,8 +62,9 @@ def get_config(arg=None):
     ))
 
     config.classifier = ml_collections.ConfigDict(dict(
-        model="S",                     # EVA-02 size: Ti | S | B
+        model="S",                     # EVA-02 size: Ti | S | B | tiny
         patch_size=14,
+        embed_dim=0, depth=0, num_heads=0,   # 0 = the named size's
         drop_path_rate=0.1,
         layer_decay=0.75,              # layer-wise lr decay; 1.0 disables
         pos_weight="",                 # "" | "balanced": up-weight positives by neg/pos ratio
@@ -85,7 +86,8 @@ def get_config(arg=None):
     ))
 
     config.dit = ml_collections.ConfigDict(dict(
-        model="DiT-B/2",
+        model="DiT-B/2",               # DiT-{S,B,L,XL}/{2,4,8}
+        hidden_size=0, depth=0, num_heads=0,  # 0 = the named size's
         learn_sigma=True,
         class_conditional=False,       # False: unconditional on the target class only
         class_dropout_prob=0.1,        # label dropout for classifier-free guidance

@@ -28,7 +28,7 @@ def get_config(arg=None):
     config.vae.train.update(steps=600, batch_size=32, lr=1e-3, warmup_steps=50, log_every=100,
                             eval_every=300, checkpoint_every=300)
 
-    config.dit.update(model="DiT-tiny/2", diffusion_steps=1000)
+    config.dit.update(model="DiT-S/2", hidden_size=128, depth=4, num_heads=4, diffusion_steps=1000)
     config.dit.train.update(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine",
                             ema_decay=0.999, log_every=500, eval_every=1500, checkpoint_every=1000)
     config.dit.sample_every = 1500

@@ -155,3 +155,53 @@ def _jsonable_config(config: ml_collections.ConfigDict) -> dict:
             return v
         return repr(v)
     return clean(config.to_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+# Exports: a model's parameters + what is needed to rebuild it, for other tasks to load.
+# Written by every trainer at the end of a run and by tools/import_weights; read by `init_from`,
+# `dit.vae_dir`, `sample.dit_dir`. Layout: <dir>/params (Orbax) and <dir>/model.json.
+# --------------------------------------------------------------------------------------------------
+EXPORT_INFO = "model.json"
+
+
+def save_export(directory: str | epath.PathLike, params: Any, info: dict) -> epath.Path:
+    """Writes params (Orbax, atomically) and `info` (kind, model fields, scaling factor, provenance)."""
+    import json
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "params"
+    if target.exists():
+        target.rmtree()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(target, params)
+    (directory / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=repr))
+    return directory
+
+
+def load_export_info(directory: str | epath.PathLike) -> dict:
+    import json
+    directory = epath.Path(directory)
+    path = directory / EXPORT_INFO
+    if not path.exists() or not (directory / "params").exists():
+        raise FileNotFoundError(
+            f"{directory} is not a model export (no {EXPORT_INFO} and params/). Point the config at the "
+            "`export` folder of a finished training run, or create one with "
+            "`python -m xray_dit.tools.import_weights`.")
+    return json.loads(path.read_text())
+
+
+def load_export(directory: str | epath.PathLike, target: Any = None, *, kind: str | None = None) -> tuple[Any, dict]:
+    """Returns (params, info). `target` (abstract or concrete tree) gives shapes and shardings."""
+    directory = epath.Path(directory)
+    info = load_export_info(directory)
+    if kind is not None and info.get("kind") != kind:
+        raise IncompatibleCheckpointError(f"{directory} holds a {info.get('kind')!r} model, not a {kind!r} model")
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            params = checkpointer.restore(directory / "params", _abstract(target) if target is not None else None)
+        except (ValueError, KeyError, TypeError) as e:
+            raise IncompatibleCheckpointError(
+                f"the parameters in {directory} do not fit the configured model ({str(e)[:300]}); "
+                f"its model.json says: {info.get('model')}") from e
+    return params, info

@@ -1,0 +1,89 @@
+"""Models from configs, and back: the fields that rebuild a model are stored with every export.
+
+An export (`checkpoint.save_export`) carries `info["model"]`, the model's constructor fields, so a later
+task (the DiT reading the VAE, `sample` reading the DiT) rebuilds exactly the trained architecture
+without needing the config of the run that trained it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from xray_dit.models import dit as dit_lib
+from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import vae as vae_lib
+
+KINDS = {"dit": dit_lib.DiT, "vae": vae_lib.AutoencoderKL, "eva02": eva02_lib.Eva02}
+
+
+def dtype_from_name(name: str) -> Any:
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {name!r}")
+    return jnp.dtype(name)
+
+
+def model_fields(model) -> dict:
+    """JSON-able constructor fields (dtypes as names) of a Flax module dataclass."""
+    fields = {}
+    for f in dataclasses.fields(model):
+        if f.name in ("parent", "name"):
+            continue
+        value = getattr(model, f.name)
+        if f.name.endswith("dtype"):
+            value = jnp.dtype(value).name
+        elif isinstance(value, tuple):
+            value = list(value)
+        fields[f.name] = value
+    return fields
+
+
+def model_from_info(info: dict, **overrides):
+    """Rebuilds the model of an export; `overrides` (e.g. dtype for inference) win."""
+    kind = info.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"export of unknown kind {kind!r}; expected one of {sorted(KINDS)}")
+    fields = dict(info["model"], **overrides)
+    for key, value in list(fields.items()):
+        if key.endswith("dtype") and isinstance(value, str):
+            fields[key] = jnp.dtype(value)
+        elif isinstance(value, list):
+            fields[key] = tuple(value)
+    return KINDS[kind](**fields)
+
+
+def classifier_from_config(config: ml_collections.ConfigDict, *, num_classes: int):
+    c = config.classifier
+    overrides = {k: v for k, v in dict(embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads).items() if v}
+    return eva02_lib.make_eva02(c.model, img_size=config.data.image_size, num_classes=num_classes, in_channels=1,
+                                patch_size=c.patch_size, drop_path_rate=c.drop_path_rate,
+                                dtype=dtype_from_name(config.compute_dtype), attention_impl=config.attention_impl,
+                                **overrides)
+
+
+def vae_from_config(config: ml_collections.ConfigDict):
+    v = config.vae
+    model = vae_lib.make_vae(dict(in_channels=1, out_channels=1, block_out_channels=tuple(v.block_out_channels),
+                                  layers_per_block=v.layers_per_block, latent_channels=v.latent_channels),
+                             dtype=dtype_from_name(config.compute_dtype), attention_impl=config.attention_impl)
+    if config.data.image_size % model.downsample_factor:
+        raise ValueError(f"image size {config.data.image_size} is not divisible by the VAE's downsampling "
+                         f"factor {model.downsample_factor}; change data.image_size or vae.block_out_channels")
+    return model
+
+
+def dit_from_config(config: ml_collections.ConfigDict, *, latent_size: int, latent_channels: int,
+                    num_classes: int):
+    d = config.dit
+    overrides = {k: v for k, v in dict(hidden_size=d.hidden_size, depth=d.depth, num_heads=d.num_heads).items() if v}
+    patch = int(d.model.rsplit("/", 1)[-1]) if "/" in d.model else 0
+    if patch and latent_size % patch:
+        raise ValueError(f"latent size {latent_size} (image {config.data.image_size} / VAE factor) is not divisible "
+                         f"by the DiT patch size {patch} of {d.model}; change data.image_size or dit.model")
+    return dit_lib.make_dit(d.model, input_size=latent_size, in_channels=latent_channels, num_classes=num_classes,
+                            learn_sigma=d.learn_sigma, class_dropout_prob=d.class_dropout_prob if num_classes else 0.0,
+                            dtype=dtype_from_name(config.compute_dtype), attention_impl=config.attention_impl,
+                            **overrides)

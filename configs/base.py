@@ -95,10 +95,10 @@ def get_config(arg=None):
         diffusion_steps=1000,
         vae_dir="",                    # trained/imported VAE (its scaling factor comes with it)
         latent_cache_dir="",           # "" = <workdir>/latents
-        sample_every=5000,             # EMA sample grid to TensorBoard and the workdir
         train=train_config(lr=1e-4, weight_decay=0.0, warmup_steps=0, schedule="constant",
                            ema_decay=0.9999, steps=50000, batch_size=256, grad_clip=0.0,
-                           eval_every=5000, checkpoint_every=5000),
+                           eval_every=5000,   # EMA sample grid to TensorBoard and the workdir
+                           checkpoint_every=5000),
     ))
 
     config.sample = ml_collections.ConfigDict(dict(

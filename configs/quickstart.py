@@ -31,7 +31,6 @@ def get_config(arg=None):
     config.dit.update(model="DiT-S/2", hidden_size=128, depth=4, num_heads=4, diffusion_steps=1000)
     config.dit.train.update(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine",
                             ema_decay=0.999, log_every=500, eval_every=1500, checkpoint_every=1000)
-    config.dit.sample_every = 1500
 
     config.sample.update(num_images=500, num_steps=50, batch_size=250)
     config.study.update(seeds=(0, 1, 2), num_synthetic=500, synthetic_counts=(200,), bootstrap_samples=500)

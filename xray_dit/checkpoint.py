@@ -169,13 +169,20 @@ def save_export(directory: str | epath.PathLike, params: Any, info: dict) -> epa
     """Writes params (Orbax, atomically) and `info` (kind, model fields, scaling factor, provenance)."""
     import json
     directory = epath.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / "params"
-    if target.exists():
-        target.rmtree()
-    with ocp.StandardCheckpointer() as checkpointer:
+    if jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / EXPORT_INFO).exists():
+            (directory / EXPORT_INFO).unlink()   # written last: an export without it is incomplete
+        if target.exists():
+            target.rmtree()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("export folder ready")
+    with ocp.StandardCheckpointer() as checkpointer:   # collective: every process calls it
         checkpointer.save(target, params)
-    (directory / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=repr))
+    if jax.process_index() == 0:
+        (directory / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=repr))
     return directory
 
 

@@ -1,0 +1,206 @@
+"""Task `train_classifier`: the EVA-02 multi-label classifier and its evaluation artefacts.
+
+Multi-label sigmoid BCE (label mask for unknown labels; optional positive weighting), drop-path,
+layer-wise lr decay, optional start from imported timm weights. Validation every `eval_every` steps
+(per-class ROC-AUC); the parameters with the best `select_metric` are kept in `<workdir>/best`.
+At the end, on the test split with those parameters: per-class AUC table, ROC curves, a confusion
+matrix per class at the validation-chosen (Youden) threshold, and `predictions_{validation,test}.csv`
+(image id, patient id, labels, probabilities) for the study's statistics. The test split is used for
+nothing else: no threshold, no model selection.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import traverse_util
+
+from xray_dit import checkpoint, sharding
+from xray_dit.data import pipeline
+from xray_dit.evaluation import classification, plots
+from xray_dit.models import eva02 as eva02_lib
+from xray_dit.train import common, loop, model_factory
+
+MAX_POS_WEIGHT = 50.0
+
+
+def positive_weights(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """negatives / positives per class (capped), so each class's positives weigh as much as its negatives."""
+    pos = np.sum(labels * mask, axis=0)
+    neg = np.sum((1 - labels) * mask, axis=0)
+    return np.clip(neg / np.maximum(pos, 1.0), 1.0, MAX_POS_WEIGHT).astype(np.float32)
+
+
+def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, pos_weight: jax.Array | None = None) -> jax.Array:
+    """Masked multi-label BCE with logits, averaged over known labels."""
+    logits = logits.astype(jnp.float32)
+    log_p, log_not_p = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+    positive = labels * log_p * (pos_weight if pos_weight is not None else 1.0)
+    per_label = -(positive + (1 - labels) * log_not_p)
+    return jnp.sum(per_label * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def layer_decay_multipliers(params: Any, depth: int, decay: float) -> Any:
+    """lr multiplier decay ** (depth + 1 - layer_id): the head learns at full rate, embeddings slowest."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {path: float(decay ** (depth + 1 - eva02_lib.layer_id(path, depth))) for path in flat})
+
+
+def write_predictions(path: epath.Path, table, out: dict, class_names) -> None:
+    with path.open("w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image_id", "patient_id", *[f"label_{c}" for c in class_names],
+                         *[f"prob_{c}" for c in class_names]])
+        for i, index in enumerate(out["index"]):
+            writer.writerow([table.image_id[index], table.patient_id[index],
+                             *[int(v) if m else "" for v, m in zip(out["labels"][i], out["label_mask"][i])],
+                             *[f"{p:.6f}" for p in out["probs"][i]]])
+
+
+def read_predictions(path: str | epath.PathLike) -> dict[str, Any]:
+    """predictions_*.csv → {image_id, patient_id (N,), labels, mask, probs (N, C), class_names}."""
+    with epath.Path(path).open() as f:
+        rows = list(csv.reader(f))
+    header, rows = rows[0], rows[1:]
+    names = [h[len("label_"):] for h in header if h.startswith("label_")]
+    c = len(names)
+    labels = np.array([[float(v) if v != "" else 0.0 for v in r[2:2 + c]] for r in rows], np.float32).reshape(-1, c)
+    mask = np.array([[v != "" for v in r[2:2 + c]] for r in rows], bool).reshape(-1, c)
+    probs = np.array([[float(v) for v in r[2 + c:]] for r in rows], np.float32).reshape(-1, c)
+    return {"image_id": np.array([r[0] for r in rows]), "patient_id": np.array([r[1] for r in rows]),
+            "labels": labels, "mask": mask, "probs": probs, "class_names": names}
+
+
+def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=None,
+                     synthetic: str | None = None, synthetic_count: int | None = None) -> dict:
+    """Trains, keeps the best validation parameters, evaluates them on test; returns the results.
+
+    `synthetic` (a folder of PNGs + manifest.csv) mixes `synthetic_count` extra images into training:
+    the study uses it both for generated images and for the oversampled-real control arm.
+    """
+    workdir = epath.Path(workdir)
+    cfg = config.classifier
+    train_cfg = cfg.train
+    mesh = mesh or sharding.make_mesh(config.mesh.shape)
+    directory = common.ensure_prepared(config, workdir)
+    class_names = tuple(config.data.labels)
+    model = model_factory.classifier_from_config(config, num_classes=len(class_names))
+    size = int(config.data.image_size)
+
+    train_table = pipeline.metadata_table(config.data, "train", data_dir=directory)
+    columns = train_table.label_columns(class_names)
+    pos_weight = None
+    if cfg.pos_weight == "balanced":
+        pos_weight = jnp.asarray(positive_weights(train_table.labels[:, columns], train_table.label_mask[:, columns]))
+        logging.info("classifier: positive weights %s", dict(zip(class_names, np.asarray(pos_weight).round(2))))
+    elif cfg.pos_weight:
+        raise ValueError(f"classifier.pos_weight must be '' or 'balanced', got {cfg.pos_weight!r}")
+
+    def init_params(rng):
+        return model.init(rng, jnp.zeros((1, size, size, 1)))["params"]
+
+    def loss_fn(params, batch, rng, step):
+        del step
+        logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+        loss = bce_loss(logits, batch["labels"], batch["label_mask"], pos_weight)
+        return loss, {"bce": loss}
+
+    abstract = sharding.unbox(jax.eval_shape(init_params, jax.random.PRNGKey(0)))
+    initial = None
+    if cfg.init_from:
+        initial, info = checkpoint.load_export(cfg.init_from, abstract, kind="eva02")
+        logging.info("classifier: starting from %s (%s)", cfg.init_from, info.get("source", "?"))
+    multipliers = layer_decay_multipliers(abstract, model.depth, cfg.layer_decay) if cfg.layer_decay < 1 else None
+
+    data = iter(pipeline.make_dataset(config.data, "train", train=True, seed=int(config.seed),
+                                      batch_size=int(train_cfg.batch_size), data_dir=directory,
+                                      synthetic=synthetic, synthetic_count=synthetic_count))
+    eval_bs = common.eval_batch_size(int(train_cfg.batch_size), mesh)
+
+    @jax.jit
+    def predict(params, batch):
+        return {"probs": jax.nn.sigmoid(model.apply({"params": params}, batch["image"]))}
+
+    def predictions(params, split):
+        return common.run_over_split(predict, params, config, directory, split, mesh, batch_size=eval_bs)
+
+    best_dir = workdir / "best"
+    best_info_path = workdir / "best.json"
+
+    def evaluate(state, step):
+        params = state.get("ema_params", state["params"])
+        out = predictions(params, "validation")
+        aucs = classification.per_class_auc(out["labels"], out["probs"], class_names, out["label_mask"] > 0)
+        metrics = {f"auc/{k}": v for k, v in aucs.items()} | {"auc/mean": classification.mean_auc(aucs)}
+        if cfg.select_metric not in metrics:
+            raise ValueError(f"classifier.select_metric {cfg.select_metric!r} is not one of {sorted(metrics)}")
+        value = metrics[cfg.select_metric]
+        best = json.loads(best_info_path.read_text()) if best_info_path.exists() else None
+        if np.isfinite(value) and (best is None or value > best["value"]):
+            checkpoint.save_export(best_dir, params, {"kind": "eva02", "model": model_factory.model_fields(model),
+                                                      "class_names": list(class_names), "step": step})
+            if jax.process_index() == 0:
+                best_info_path.write_text(json.dumps({"metric": cfg.select_metric, "value": value, "step": step}))
+        return metrics
+
+    task = loop.TrainTask(name="classifier", init_params=init_params, loss_fn=loss_fn, train=train_cfg, data=data,
+                          evaluate=evaluate, initial_params=initial, lr_multipliers=multipliers)
+    state = loop.train(config, workdir, task, mesh=mesh)
+
+    # ---- Final evaluation with the best validation parameters ----------------------------------------
+    params, _ = checkpoint.load_export(best_dir, state["params"], kind="eva02")
+    best = json.loads(best_info_path.read_text())
+    return evaluate_on_test(config, workdir, predictions, params, class_names, directory, best)
+
+
+def evaluate_on_test(config, workdir, predictions, params, class_names, directory, best) -> dict:
+    val, test = predictions(params, "validation"), predictions(params, "test")
+    tables = {split: pipeline.metadata_table(config.data, split, data_dir=directory) for split in ("validation", "test")}
+    results: dict[str, Any] = {"best_step": best["step"], "select_metric": best["metric"], "val_value": best["value"]}
+    test_aucs = classification.per_class_auc(test["labels"], test["probs"], class_names, test["label_mask"] > 0)
+    results["test_auc"] = test_aucs
+    results["test_auc_mean"] = classification.mean_auc(test_aucs)
+    thresholds, confusion = {}, {}
+    for c, name in enumerate(class_names):
+        known_val = val["label_mask"][:, c] > 0
+        y_val = val["labels"][known_val, c]
+        if np.unique(y_val).size < 2:
+            continue
+        thresholds[name] = classification.youden_threshold(y_val, val["probs"][known_val, c])
+        known = test["label_mask"][:, c] > 0
+        confusion[name] = classification.confusion(test["labels"][known, c], test["probs"][known, c],
+                                                   thresholds[name]).tolist()
+    results["thresholds_from_validation"] = thresholds
+    results["test_confusion"] = confusion
+    if jax.process_index() == 0:
+        for split, out in (("validation", val), ("test", test)):
+            write_predictions(workdir / f"predictions_{split}.csv", tables[split], out, class_names)
+        (workdir / "test_auc.md").write_text(classification.auc_table_markdown({"test AUC": test_aucs}))
+        curves = classification.roc_curves(test["labels"], test["probs"], class_names, test["label_mask"] > 0)
+        if curves:
+            plots.plot_roc_curves(curves, workdir / "roc_test.png", title="ROC curves (test)")
+        for name, cm in confusion.items():
+            plots.plot_confusion_matrix(np.asarray(cm), [f"no {name}", name], workdir / f"confusion_{name}.png",
+                                        title=f"{name} (test; threshold {thresholds[name]:.3f} from validation)")
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    logging.info("classifier test AUC: %s", {k: round(v, 4) for k, v in test_aucs.items()})
+    return results
+
+
+def features_fn(model):
+    """jit-able (params, images) → the classifier's pooled features (its feature space for the study)."""
+    return jax.jit(lambda params, images: model.apply({"params": params}, images, method=model.features))
+
+
+def run(config, workdir):
+    return train_classifier(config, workdir)
+

@@ -1,0 +1,234 @@
+"""Task `train_dit`: cache VAE latents of the chosen class once, then train a DiT on them.
+
+The cache (fast-DiT style) holds each training image's posterior mean and std, so every step samples a
+fresh latent `mean + std·ε` without running the encoder. It is reused when its fingerprint (VAE export,
+dataset, split, class filter, scaling factor) matches, and rebuilt otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from xray_dit import checkpoint, sharding
+from xray_dit.data import pipeline
+from xray_dit.diffusion import losses, samplers, schedules
+from xray_dit.train import common, loop, model_factory
+
+CACHE_FILE = "latents.array_record"
+CACHE_INFO = "latents.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# The VAE and the latent cache
+# --------------------------------------------------------------------------------------------------
+def load_vae(vae_dir: str | epath.PathLike, config: ml_collections.ConfigDict):
+    """(model, params, scaling_factor) of a VAE export, computing in the configured dtype."""
+    info = checkpoint.load_export_info(vae_dir)
+    model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
+                                          attention_impl=config.attention_impl)
+    abstract = sharding.unbox(jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, model.downsample_factor, model.downsample_factor, model.in_channels)),
+        sample_posterior=False)))["params"]
+    params, info = checkpoint.load_export(vae_dir, abstract, kind="vae")
+    return model, params, float(info.get("scaling_factor", model.scaling_factor))
+
+
+def _cache_fingerprint(config, vae_dir, class_names, only_class) -> dict:
+    info = checkpoint.load_export_info(vae_dir)
+    return {"vae_dir": str(vae_dir), "vae_info_sha": hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest(),
+            "dataset": f"{config.data.name}/{config.data.builder_config}", "split": "train",
+            "class_names": list(class_names), "only_class": only_class, "image_size": int(config.data.image_size)}
+
+
+def build_latent_cache(config: ml_collections.ConfigDict, workdir: epath.Path, vae_dir: str, *, mesh,
+                       class_names: tuple[str, ...], only_class: str | None) -> tuple[epath.Path, dict]:
+    """Writes (or reuses) the latent cache; returns its folder and info (count, shape, scaling factor)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    cache_dir = epath.Path(config.dit.latent_cache_dir) if config.dit.latent_cache_dir else workdir / "latents"
+    fingerprint = _cache_fingerprint(config, vae_dir, class_names, only_class)
+    info_path = cache_dir / CACHE_INFO
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        if info.get("fingerprint") == fingerprint and (cache_dir / CACHE_FILE).exists():
+            logging.info("latent cache: reusing %d latents in %s", info["count"], cache_dir)
+            return cache_dir, info
+        logging.warning("latent cache in %s was made from other inputs; rebuilding it", cache_dir)
+
+    model, params, scale = load_vae(vae_dir, config)
+    directory = common.ensure_prepared(config, workdir)
+
+    @jax.jit
+    def encode(params, batch):
+        mean, logvar = model.apply({"params": params}, batch["image"], method=model.encode)
+        return {"mean": mean.astype(jnp.float32), "std": jnp.exp(0.5 * logvar).astype(jnp.float32)}
+
+    batch_size = common.eval_batch_size(int(config.dit.train.batch_size), mesh)
+    labels = list(config.data.labels)
+    columns = [labels.index(c) for c in class_names] if class_names else []
+    out = common.run_over_split(encode, params, config, directory, "train", mesh, batch_size=batch_size,
+                                only_class=only_class)
+    count = len(out["mean"])
+    if count == 0:
+        raise ValueError(f"no training images of class {only_class!r} to train the DiT on")
+    if jax.process_index() == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if info_path.exists():
+            info_path.unlink()  # the info file is written last: a half-written cache never looks complete
+        writer = ArrayRecordWriter(str(cache_dir / CACHE_FILE), "group_size:1")
+        for i in range(count):
+            label = int(np.argmax(out["labels"][i, columns])) if columns else 0
+            record = np.concatenate([out["mean"][i].ravel(), out["std"][i].ravel()]).astype(np.float32)
+            writer.write(np.int32(label).tobytes() + record.tobytes())
+        writer.close()
+    info = {"fingerprint": fingerprint, "count": count, "latent_shape": list(out["mean"].shape[1:]),
+            "scaling_factor": scale, "latent_std_of_means": float(np.std(out["mean"] * scale))}
+    if jax.process_index() == 0:
+        info_path.write_text(json.dumps(info, indent=2))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("latent cache written")
+    size_mb = (cache_dir / CACHE_FILE).stat().length / 2**20
+    logging.info("latent cache: %d latents of shape %s (%.1f MiB) in %s", count, info["latent_shape"], size_mb,
+                 cache_dir)
+    return cache_dir, info
+
+
+class _DecodeLatent(grain.transforms.Map):
+    def __init__(self, shape):
+        self._shape = tuple(shape)
+        self._size = int(np.prod(shape))
+
+    def map(self, record: bytes) -> dict[str, np.ndarray]:
+        label = np.frombuffer(record[:4], np.int32)[0]
+        values = np.frombuffer(record[4:], np.float32)
+        return {"mean": values[: self._size].reshape(self._shape), "std": values[self._size:].reshape(self._shape),
+                "label": label}
+
+
+def latent_dataset(cache_dir: epath.Path, info: dict, *, batch_size: int, seed: int) -> grain.IterDataset:
+    source = grain.sources.ArrayRecordDataSource(str(cache_dir / CACHE_FILE))
+    local_batch = batch_size // jax.process_count()
+    ds = (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+          [jax.process_index()::jax.process_count()]
+          .map(_DecodeLatent(info["latent_shape"])).batch(local_batch, drop_remainder=True))
+    return ds.to_iter_dataset()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss and sampling
+# --------------------------------------------------------------------------------------------------
+def make_loss_fn(model, schedule: schedules.Schedule, scale: float):
+    num_steps = schedule.num_steps
+
+    def loss_fn(params, batch, rng, step):
+        del step
+        eps_key, t_key, noise_key, drop_key = jax.random.split(rng, 4)
+        latents = (batch["mean"] + batch["std"] * jax.random.normal(eps_key, batch["mean"].shape)) * scale
+        latents = nn.with_logical_constraint(latents, ("act_batch", "act_height", "act_width", "act_channels"))
+        t = jax.random.randint(t_key, (latents.shape[0],), 0, num_steps)
+        noise = jax.random.normal(noise_key, latents.shape)
+        x_t = losses.q_sample(schedule, latents, t, noise)
+        y = batch["label"] if model.num_classes > 0 else None
+        out = model.apply({"params": params}, x_t, t, y, train=True, rngs={"label_dropout": drop_key})
+        terms = losses.hybrid_loss(schedule, out.astype(jnp.float32), latents, x_t, t, noise)
+        return jnp.mean(terms.loss), {"mse": jnp.mean(terms.mse), "vb": jnp.mean(terms.vb)}
+
+    return loss_fn
+
+
+def make_sampler(model, vae, schedule: schedules.Schedule, *, sampler: str, num_steps: int, eta: float = 0.0,
+                 guidance_scale: float = 1.0, scale: float):
+    """jit-able (dit_params, vae_params, noise, labels, key) → images in [-1, 1] (N, H, W, 1)."""
+    spaced = schedules.respace(schedule, num_steps if sampler == "ddpm" else f"ddim{num_steps}")
+    guided = guidance_scale != 1.0
+    if guided and model.num_classes == 0:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional DiT; this one is "
+                         "unconditional (train with dit.class_conditional=True, or set guidance_scale=1)")
+
+    def generate(dit_params, vae_params, noise, labels, key):
+        def eps_fn(x, t, y):
+            return model.apply({"params": dit_params}, x, t, y).astype(jnp.float32)
+        y = labels if model.num_classes > 0 else None
+        kwargs = dict(y=y, guidance_scale=guidance_scale if guided else None,
+                      null_label=model.num_classes if guided else None)
+        if sampler == "ddim":
+            latents = samplers.sample_ddim(eps_fn, spaced, noise, key, eta=eta, **kwargs)
+        elif sampler == "ddpm":
+            latents = samplers.sample_ddpm(eps_fn, spaced, noise, key, **kwargs)
+        else:
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        images = vae.apply({"params": vae_params}, latents / scale, method=vae.decode)
+        return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+    return generate
+
+
+# --------------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------------
+def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir: str | None = None,
+              mesh=None) -> dict:
+    """Trains the DiT and writes `<workdir>/export`; returns a summary."""
+    workdir = epath.Path(workdir)
+    vae_dir = vae_dir or config.dit.vae_dir
+    if not vae_dir:
+        raise ValueError("train_dit needs a VAE: set config.dit.vae_dir to the `export` folder of a train_vae run "
+                         "or of `python -m xray_dit.tools.import_weights --kind=vae`")
+    mesh = mesh or sharding.make_mesh(config.mesh.shape)
+    target = config.data.target_class
+    class_names = tuple(config.data.labels) if config.dit.class_conditional else ()
+    only_class = None if config.dit.class_conditional else target
+    cache_dir, cache = build_latent_cache(config, workdir, vae_dir, mesh=mesh, class_names=class_names,
+                                          only_class=only_class)
+    height, width, channels = cache["latent_shape"]
+    model = model_factory.dit_from_config(config, latent_size=height, latent_channels=channels,
+                                          num_classes=len(class_names))
+    schedule = schedules.make_schedule(config.dit.noise_schedule, config.dit.diffusion_steps)
+    scale = cache["scaling_factor"]
+    train_cfg = config.dit.train
+    data = iter(latent_dataset(cache_dir, cache, batch_size=int(train_cfg.batch_size), seed=int(config.seed)))
+    vae, vae_params, _ = load_vae(vae_dir, config)
+    grid_sampler = jax.jit(make_sampler(model, vae, schedule, sampler="ddim", num_steps=50, scale=scale))
+    grid_noise = jax.random.normal(jax.random.PRNGKey(1234), (16, height, width, channels))
+    grid_labels = jnp.full((16,), class_names.index(target) if class_names else 0, jnp.int32)
+    from xray_dit import metric_writer
+
+    def sample_grid(state, step):
+        params = state.get("ema_params", state["params"])
+        images = common.to_uint8(np.asarray(grid_sampler(params, vae_params, grid_noise, grid_labels,
+                                                         jax.random.PRNGKey(0))))
+        if jax.process_index() == 0:
+            common.save_grid(images, workdir / "samples" / f"step_{step:07d}.png", ncol=4)
+            writer = metric_writer.MetricWriter(workdir / "tensorboard")
+            writer.write_images(step, {"dit/samples_ema": images[..., None]})
+            writer.close()
+        return {}
+
+    task = loop.TrainTask(
+        name="dit",
+        init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)), jnp.zeros((1,), jnp.int32),
+                                           jnp.zeros((1,), jnp.int32) if model.num_classes else None)["params"],
+        loss_fn=make_loss_fn(model, schedule, scale), train=train_cfg, data=data, evaluate=sample_grid)
+    state = loop.train(config, workdir, task, mesh=mesh)
+    params = state.get("ema_params", state["params"])
+    info = {"kind": "dit", "model": model_factory.model_fields(model), "vae_dir": str(vae_dir),
+            "scaling_factor": scale, "noise_schedule": config.dit.noise_schedule,
+            "diffusion_steps": int(config.dit.diffusion_steps), "class_names": list(class_names),
+            "target_class": target, "trained_steps": int(state["step"]), "weights": "ema" if "ema_params" in state else "raw"}
+    checkpoint.save_export(common.export_dir(workdir), params, info)
+    return {"export": str(common.export_dir(workdir)), "latents": cache["count"], "steps": int(state["step"])}
+
+
+def run(config, workdir):
+    return train_dit(config, workdir)

@@ -1,0 +1,90 @@
+"""Evaluation room, figures: every plot writes a readable PNG of plausible size (kept in test_artifacts/)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xray_dit.evaluation import classification as cls
+from xray_dit.evaluation import plots
+
+
+def _check_png(path, min_width=300, min_height=200):
+    assert path.exists() and path.stat().st_size > 2000
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+    assert width >= min_width and height >= min_height, image.size
+    assert width <= 4000 and height <= 4000, image.size
+    return width, height
+
+
+def _phantom_like_images(rng, n, size=32):
+    y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    images = []
+    for _ in range(n):
+        heart = ((x - 0.1) ** 2 / rng.uniform(0.1, 0.25) + (y - 0.2) ** 2 / 0.15) < 1
+        lungs = ((np.abs(x) - 0.45) ** 2 / 0.08 + y ** 2 / 0.5) < 1
+        images.append(np.clip(0.8 - 0.5 * lungs + 0.4 * heart + 0.05 * rng.normal(size=(size, size)), 0, 1))
+    return np.stack(images)
+
+
+def test_roc_curves_per_class(artifacts_dir):
+    rng = np.random.default_rng(0)
+    names = ["Atelectasis", "Cardiomegaly", "Effusion", "Pneumothorax"]
+    labels = rng.integers(0, 2, (200, 4))
+    probs = rng.random((200, 4)) + np.array([0.2, 0.5, 0.8, 1.2]) * labels
+    path = plots.plot_roc_curves(cls.roc_curves(labels, probs, names), artifacts_dir / "roc.png",
+                                 title="Per-class ROC (test set)")
+    _check_png(path)
+    with pytest.raises(ValueError, match="at least one curve"):
+        plots.plot_roc_curves({}, artifacts_dir / "empty.png")
+
+
+def test_confusion_matrix(artifacts_dir):
+    _check_png(plots.plot_confusion_matrix(np.array([[50, 7], [3, 40]]), ["no finding", "effusion"],
+                                           artifacts_dir / "confusion.png", title="Effusion @ Youden threshold"))
+    with pytest.raises(ValueError, match="square"):
+        plots.plot_confusion_matrix(np.zeros((2, 3)), ["a", "b"], artifacts_dir / "bad.png")
+
+
+def test_auc_with_ci(artifacts_dir):
+    arms = {"real only": (0.81, 0.78, 0.84), "real + oversampled": (0.82, 0.79, 0.85),
+            "real + synthetic": cls.BootstrapCI(0.85, 0.82, 0.88, None)}
+    _check_png(plots.plot_auc_with_ci(arms, artifacts_dir / "auc_ci.png", title="Effusion AUC, 95% CI"))
+    with pytest.raises(ValueError, match="lower <= auc <= upper"):
+        plots.plot_auc_with_ci({"bad": (0.9, 0.95, 0.99)}, artifacts_dir / "bad.png")
+
+
+def test_distance_histograms_ctr_and_training_curves(artifacts_dir):
+    rng = np.random.default_rng(1)
+    _check_png(plots.plot_distance_histograms(
+        {"held-out → train": rng.gamma(5, 0.02, 500), "synthetic → train": rng.gamma(4, 0.02, 500)},
+        threshold=0.03, path=artifacts_dir / "distances.png", xlabel="cosine distance"))
+    _check_png(plots.plot_ctr_distributions(rng.normal(0.45, 0.05, 300), rng.normal(0.47, 0.06, 300),
+                                            artifacts_dir / "ctr.png"))
+    steps = np.arange(0, 1000, 10)
+    _check_png(plots.plot_training_curves({"train": (steps, 1 / (1 + steps / 100)),
+                                           "validation": (steps, 1.1 / (1 + steps / 120))},
+                                          artifacts_dir / "curves.png", log_y=True))
+
+
+def test_image_grid_from_float_uint8_and_nhwc(artifacts_dir):
+    rng = np.random.default_rng(2)
+    images = _phantom_like_images(rng, 10)
+    width, height = _check_png(plots.image_grid(images, artifacts_dir / "grid.png", nrow=5,
+                                                titles=[f"#{i}" for i in range(10)], title="synthetic"))
+    assert width > height  # 5 per row, 2 rows
+    uint8 = (images * 255).astype(np.uint8)[..., None]
+    _check_png(plots.image_grid(uint8, artifacts_dir / "grid_uint8.png", nrow=10), min_height=100)
+    _check_png(plots.image_grid(images * 2 - 1, artifacts_dir / "grid_signed.png", nrow=4))
+    with pytest.raises(ValueError, match="titles"):
+        plots.image_grid(images, artifacts_dir / "bad.png", nrow=5, titles=["one"])
+
+
+def test_nn_pairs(artifacts_dir):
+    rng = np.random.default_rng(3)
+    synthetic, train = _phantom_like_images(rng, 4), _phantom_like_images(rng, 4)
+    _check_png(plots.plot_nn_pairs(synthetic, train, np.array([0.01, 0.02, 0.05, 0.1]),
+                                   artifacts_dir / "nn_pairs.png"))
+    with pytest.raises(ValueError, match="as many neighbours"):
+        plots.plot_nn_pairs(synthetic, train[:3], np.zeros(4), artifacts_dir / "bad.png")

@@ -1,0 +1,128 @@
+"""Evaluation room, synthesis quality: Fréchet distance, precision/recall/density/coverage, (MS-)SSIM."""
+
+import numpy as np
+import pytest
+
+from xray_dit.evaluation import synthesis as syn
+
+
+# ---- Fréchet distance ------------------------------------------------------------------------------------
+def test_frechet_distance_from_stats_matches_the_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    mu_a, mu_b = rng.normal(size=6), rng.normal(size=6)
+    sd_a, sd_b = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    expected = np.sum((mu_a - mu_b) ** 2) + np.sum((sd_a - sd_b) ** 2)
+    got = syn.frechet_distance_from_stats(mu_a, np.diag(sd_a ** 2), mu_b, np.diag(sd_b ** 2))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_of_samples_is_zero_for_identical_sets_and_near_the_closed_form():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(4000, 4)) * [1.0, 2.0, 0.5, 1.0]
+    b = rng.normal(size=(4000, 4)) * [1.5, 1.0, 0.5, 1.0] + [1.0, 0.0, 0.0, -1.0]
+    assert abs(syn.frechet_distance(a, a)) < 1e-8
+    expected = 1.0 + 1.0 + 0.25 + 1.0  # |Δμ|² = 2, Σ(σa - σb)² = 0.25 + 1
+    assert syn.frechet_distance(a, b) == pytest.approx(expected, rel=0.1)
+
+
+def test_frechet_distance_survives_singular_covariances():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(10, 40)), rng.normal(size=(10, 40))  # fewer samples than dimensions
+    value = syn.frechet_distance(a, b)
+    assert np.isfinite(value) and value > 0
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        syn.frechet_distance(a, b[:, :5])
+
+
+# ---- precision / recall / density / coverage ------------------------------------------------------------
+def test_prdc_identical_sets():
+    points = np.random.default_rng(3).normal(size=(300, 3))
+    result = syn.precision_recall_density_coverage(points, points.copy(), k=5, chunk_size=64)
+    assert (result.precision, result.recall, result.coverage) == (1.0, 1.0, 1.0)
+    # Each point lies in its own ball and in the k balls its k-th neighbour radius spans: (k + 1) / k.
+    assert result.density == pytest.approx(6 / 5)
+
+
+def test_prdc_same_distribution_is_near_one_and_far_apart_sets_are_zero():
+    rng = np.random.default_rng(4)
+    real, fake = rng.normal(size=(1500, 3)), rng.normal(size=(1500, 3))
+    same = syn.precision_recall_density_coverage(real, fake, k=5)
+    assert same.precision > 0.95 and same.recall > 0.95
+    assert 0.9 < same.density < 1.1
+    assert same.coverage > 0.93  # expected ≈ 1 - 2^-5
+    far = syn.precision_recall_density_coverage(real, fake + 100.0, k=5)
+    assert far == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_prdc_mode_collapse_keeps_fidelity_but_loses_diversity():
+    rng = np.random.default_rng(5)
+    real = rng.normal(size=(1000, 2))
+    collapsed = 0.2 * rng.normal(size=(1000, 2))  # all fakes near the centre of the real data
+    result = syn.precision_recall_density_coverage(real, collapsed, k=5)
+    assert result.precision > 0.95
+    assert result.recall < 0.3 and result.coverage < 0.3
+
+
+# ---- SSIM, MS-SSIM ---------------------------------------------------------------------------------------
+def _smooth_image(rng, size=64):
+    y, x = np.mgrid[0:size, 0:size] / size
+    return np.clip(0.5 + 0.3 * np.sin(6 * x + rng.uniform(0, 3)) * np.cos(4 * y) + 0.05 * rng.normal(size=(size, size)),
+                   0, 1)
+
+
+def test_ssim_is_one_for_equal_images_symmetric_and_decreasing_with_noise():
+    rng = np.random.default_rng(6)
+    image = _smooth_image(rng)
+    assert syn.ssim(image, image) == pytest.approx(1.0)
+    assert syn.ms_ssim(image, image) == pytest.approx(1.0)
+    noisy = [np.clip(image + s * rng.normal(size=image.shape), 0, 1) for s in (0.02, 0.1, 0.3)]
+    for metric in (syn.ssim, syn.ms_ssim):
+        values = [metric(image, n) for n in noisy]
+        assert values[0] > values[1] > values[2], (metric.__name__, values)
+        assert metric(image, noisy[1]) == pytest.approx(metric(noisy[1], image), rel=1e-12)
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    a, b = np.full((16, 16), 0.2), np.full((16, 16), 0.6)
+    c1 = 0.01 ** 2
+    luminance = (2 * 0.2 * 0.6 + c1) / (0.2 ** 2 + 0.6 ** 2 + c1)
+    assert syn.ssim(a, b) == pytest.approx(luminance)
+    # No structure, so every cs is 1 and only the coarsest scale's luminance counts, with its weight.
+    a64, b64 = np.full((64, 64), 0.2), np.full((64, 64), 0.6)
+    weights = syn.MS_SSIM_WEIGHTS[:3] / syn.MS_SSIM_WEIGHTS[:3].sum()
+    assert syn.ms_ssim(a64, b64) == pytest.approx(luminance ** weights[-1])
+
+
+def test_ssim_value_ranges_batches_and_channel_axis_agree():
+    rng = np.random.default_rng(7)
+    a, b = _smooth_image(rng), _smooth_image(rng)
+    reference = syn.ms_ssim(a, b)
+    assert syn.ms_ssim(2 * a - 1, 2 * b - 1, value_range=(-1, 1)) == pytest.approx(reference)
+    a8, b8 = np.round(a * 255).astype(np.uint8), np.round(b * 255).astype(np.uint8)
+    assert syn.ms_ssim(a8, b8) == pytest.approx(syn.ms_ssim(a8 / 255.0, b8 / 255.0))
+    batch = syn.ms_ssim(np.stack([a, a])[..., None], np.stack([b, a])[..., None])  # NHWC, C = 1
+    np.testing.assert_allclose(batch, [reference, 1.0])
+    with pytest.raises(ValueError, match="value_range"):
+        syn.ssim(2 * a - 1, 2 * b - 1)
+
+
+def test_number_of_ms_ssim_scales_adapts_to_small_images():
+    assert syn.num_ms_ssim_scales(256, 256) == 5
+    assert syn.num_ms_ssim_scales(64, 64) == 3
+    assert syn.num_ms_ssim_scales(64, 32) == 2
+    assert syn.num_ms_ssim_scales(8, 8) == 1
+    tiny = np.random.default_rng(8).random((2, 8, 8))
+    assert syn.ms_ssim(tiny[0], tiny[1]) == pytest.approx(max(syn.ssim(tiny[0], tiny[1]), 0.0))
+
+
+def test_ms_ssim_diversity_orders_collapsed_and_diverse_sets():
+    rng = np.random.default_rng(9)
+    base = _smooth_image(rng, 32)
+    collapsed = np.stack([np.clip(base + 0.01 * rng.normal(size=base.shape), 0, 1) for _ in range(12)])
+    diverse = np.stack([_smooth_image(rng, 32) for _ in range(12)])
+    assert syn.ms_ssim_diversity(np.stack([base] * 4), num_pairs=10) == pytest.approx(0.0, abs=1e-12)
+    low = syn.ms_ssim_diversity(collapsed, num_pairs=40, seed=1, chunk_size=16)
+    high = syn.ms_ssim_diversity(diverse, num_pairs=40, seed=1)
+    assert 0 <= low < 0.1 and high > low + 0.2
+    with pytest.raises(ValueError, match="N >= 2"):
+        syn.ms_ssim_diversity(base[None], num_pairs=3)

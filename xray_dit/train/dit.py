@@ -36,7 +36,7 @@ def load_vae(vae_dir: str | epath.PathLike, config: ml_collections.ConfigDict):
     """(model, params, scaling_factor) of a VAE export, computing in the configured dtype."""
     info = checkpoint.load_export_info(vae_dir)
     model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
-                                          attention_impl=config.attention_impl)
+                                          attention_impl="xla")  # see model_factory.vae_from_config
     abstract = sharding.unbox(jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, model.downsample_factor, model.downsample_factor, model.in_channels)),
         sample_posterior=False)))["params"]

@@ -94,6 +94,28 @@ def ema_update(ema: Params, params: Params, decay: float) -> Params:
     return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
 
 
+def make_update_fn(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float = 0.0):
+    """(state, batch) -> (state, metrics): one optimiser step, EMA, and the non-finite guard.
+
+    A non-finite loss leaves the state as it was, so the last good step can be saved and inspected.
+    """
+    def update(state, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(state["rng"], step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng, step)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = dict(state, params=keep(params, state["params"]),
+                         opt_state=keep(opt_state, state["opt_state"]), step=step + 1)
+        if ema_decay > 0:
+            new_state["ema_params"] = keep(ema_update(state["ema_params"], params, ema_decay), state["ema_params"])
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), finite=finite)
+        return new_state, metrics
+    return update
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -172,24 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
             metric_writer.log_parameter_overview(state["params"], f"{task.name} params")
 
         # ---- The update step -------------------------------------------------------------------
-        def update(state, batch):
-            step = state["step"]
-            rng = jax.random.fold_in(state["rng"], step)
-            (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-                state["params"], batch, rng, step)
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            finite = jnp.isfinite(loss)
-            # A non-finite loss leaves the state as it was, so the last good step can be saved/inspected.
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-            new_state = dict(state, params=keep(params, state["params"]),
-                             opt_state=keep(opt_state, state["opt_state"]), step=step + 1)
-            if use_ema:
-                new_state["ema_params"] = keep(ema_update(state["ema_params"], params, train_cfg.ema_decay),
-                                               state["ema_params"])
-            metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), finite=finite)
-            return new_state, metrics
-
+        update = make_update_fn(task.loss_fn, tx, float(train_cfg.ema_decay) if use_ema else 0.0)
         update_step = jax.jit(update, donate_argnums=(0,), out_shardings=(state_shardings, None))
 
         # ---- Loop --------------------------------------------------------------------------------

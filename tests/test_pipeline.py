@@ -1,0 +1,272 @@
+"""The Grain pipeline on a small prepared phantom: batches, determinism, filtering, balancing, mixing,
+checkpoint/resume, process sharding onto the 8 fake devices, worker processes, and its errors."""
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from xray_dit import sharding
+from xray_dit.data import builders, phantom, pipeline, splits, synthetic
+from xray_dit.data.builders import common, cxr_phantom
+
+SIZE = 32
+NUM_IMAGES = 400
+LABELS = ("Cardiomegaly", "Effusion")
+NO_AUGMENT = dict(rotation_deg=0.0, scale=0.0, translate=0.0, brightness=0.0, contrast=0.0, hflip=False)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """400 phantom images at 32 px; Cardiomegaly common (25 %), no Nodule at all, no label noise."""
+    directory = tmp_path_factory.mktemp("tfds")
+    spec = phantom.PhantomSpec(cardiomegaly_prevalence=0.25, nodule_prevalence=0.0, label_noise=0.0)
+    builders.prepare("cxr_phantom", cxr_phantom.PhantomConfig(name="32_pipe", size=SIZE, num_images=NUM_IMAGES,
+                                                              spec=spec), data_dir=directory, prepare_workers=0)
+    return directory
+
+
+def data_config(data_dir, **overrides):
+    config = ml_collections.ConfigDict(dict(
+        name="cxr_phantom", builder_config="32_pipe", data_dir=str(data_dir), manual_dir="", image_size=SIZE,
+        labels=LABELS, target_class="Cardiomegaly", balanced_sampling=False, num_workers=0,
+        augment=dict(rotation_deg=5.0, scale=0.05, translate=0.03, brightness=0.05, contrast=0.05, hflip=False)))
+    config.update(overrides)
+    return config
+
+
+def take(dataset, count):
+    iterator = iter(dataset)
+    return [next(iterator) for _ in range(count)]
+
+
+def unaugmented(data_dir, split, indices):
+    """The stored images of these records, as the pipeline's [-1, 1] floats."""
+    source = builders.load_prepared("cxr_phantom", "32_pipe", data_dir=data_dir).as_data_source(split=split)
+    return np.stack([source[int(i)]["image"] for i in indices]).astype(np.float32) / 127.5 - 1.0
+
+
+def test_batches_hold_numeric_arrays_that_match_the_records(data_dir):
+    table = pipeline.metadata_table(data_config(data_dir), "train")
+    batch = take(pipeline.make_dataset(data_config(data_dir), "train", train=True, seed=0, batch_size=16), 1)[0]
+    assert set(batch) == {"image", "labels", "label_mask", "index", "is_synthetic", "valid"}
+    assert batch["image"].shape == (16, SIZE, SIZE, 1) and batch["image"].dtype == np.float32
+    assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
+    assert batch["labels"].shape == batch["label_mask"].shape == (16, 2)
+    for key in ("index", "is_synthetic", "valid"):
+        assert batch[key].dtype == np.int32 and batch[key].shape == (16,)
+    assert all(np.issubdtype(v.dtype, np.number) for v in batch.values())
+    columns = table.label_columns(LABELS)
+    np.testing.assert_array_equal(batch["labels"], table.labels[batch["index"]][:, columns])
+    assert not batch["is_synthetic"].any() and batch["valid"].all()
+    ids = pipeline.lookup_ids(batch, table)
+    assert ids == [(table.image_id[i], table.patient_id[i]) for i in batch["index"]]
+    assert ids[0][0].startswith(ids[0][1])  # phantom image ids are <patient>_<follow-up>
+
+
+def test_evaluation_covers_every_image_once_unaugmented_and_padded(data_dir):
+    table = pipeline.metadata_table(data_config(data_dir), "validation")
+    batches = list(pipeline.make_dataset(data_config(data_dir), "validation", train=False, seed=0, batch_size=16))
+    valid = np.concatenate([b["valid"] for b in batches]).astype(bool)
+    indices = np.concatenate([b["index"] for b in batches])[valid]
+    np.testing.assert_array_equal(np.sort(indices), np.arange(len(table)))
+    assert all(b["image"].shape[0] == 16 for b in batches) and (~valid).sum() == -len(table) % 16
+    images = np.concatenate([b["image"] for b in batches])[valid]
+    np.testing.assert_allclose(images, unaugmented(data_dir, "validation", indices), atol=1e-6)
+
+
+def test_same_seed_same_batches_and_augmentation_is_applied(data_dir):
+    config = data_config(data_dir)
+    first, again = (take(pipeline.make_dataset(config, "train", train=True, seed=1, batch_size=16), 3) for _ in "ab")
+    other = take(pipeline.make_dataset(config, "train", train=True, seed=2, batch_size=16), 1)[0]
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(first[0]["index"], other["index"])
+    stored = unaugmented(data_dir, "train", first[0]["index"])
+    assert np.abs(first[0]["image"] - stored).mean() > 0.01  # jittered
+    plain = take(pipeline.make_dataset(data_config(data_dir, augment=NO_AUGMENT), "train", train=True, seed=1,
+                                       batch_size=16), 1)[0]
+    np.testing.assert_array_equal(plain["index"], first[0]["index"])  # augmentation does not change the order
+    np.testing.assert_allclose(plain["image"], stored, atol=1e-6)     # all-zero magnitudes are the identity
+
+
+def test_horizontal_flip_only_when_asked(data_dir):
+    config = data_config(data_dir, augment={**NO_AUGMENT, "hflip": True})
+    batch = take(pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=32), 1)[0]
+    stored = unaugmented(data_dir, "train", batch["index"])
+    same = [np.allclose(a, b, atol=1e-6) for a, b in zip(batch["image"], stored)]
+    mirrored = [np.allclose(a, b[:, ::-1], atol=1e-6) for a, b in zip(batch["image"], stored)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+
+
+def test_only_class_keeps_one_class_and_empty_class_fails(data_dir):
+    table = pipeline.metadata_table(data_config(data_dir), "train")
+    dataset = pipeline.make_dataset(data_config(data_dir), "train", train=True, seed=0, batch_size=8,
+                                    only_class="Cardiomegaly")
+    for batch in take(dataset, 5):
+        assert (batch["labels"][:, 0] == 1).all()
+        assert set(batch["index"]) <= set(table.positives("Cardiomegaly"))
+    with pytest.raises(ValueError, match="no image known positive for 'Nodule'"):
+        pipeline.make_dataset(data_config(data_dir), "train", train=True, seed=0, batch_size=8, only_class="Nodule")
+
+
+def test_balanced_sampling_evens_out_classes(data_dir):
+    def effusion_share(balanced):
+        dataset = pipeline.make_dataset(data_config(data_dir, balanced_sampling=balanced), "train", train=True,
+                                        seed=0, batch_size=32)
+        return np.concatenate([b["labels"][:, 1] for b in take(dataset, 20)]).mean()
+    # Groups: Cardiomegaly, Effusion, neither → each about a third of the draws; natural share ~12 %.
+    assert effusion_share(False) < 0.2
+    assert 0.25 < effusion_share(True) < 0.45
+
+
+def test_mixing_synthetic_by_count_and_ratio(data_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 48, 48), dtype=np.uint8)  # another resolution: resized on read
+    synthetic.write_synthetic(tmp_path / "synth", images, ["Cardiomegaly"] * 10, {"seed": list(range(10))})
+    config = data_config(data_dir)
+    num_real = len(pipeline.metadata_table(config, "validation"))
+
+    def synthetic_entries(**kwargs):
+        batches = list(pipeline.make_dataset(config, "validation", train=False, seed=0, batch_size=16,
+                                             synthetic=tmp_path / "synth", **kwargs))
+        keep = np.concatenate([b["valid"] & b["is_synthetic"] for b in batches]).astype(bool)
+        stacked = {k: np.concatenate([b[k] for b in batches])[keep] for k in batches[0]}
+        real = sum(int((b["valid"] & (1 - b["is_synthetic"])).sum()) for b in batches)
+        return stacked, real
+
+    mixed, real = synthetic_entries(synthetic_count=25)
+    assert len(mixed["index"]) == 25 and real == num_real
+    assert set(np.bincount(mixed["index"], minlength=10)) <= {2, 3}
+    np.testing.assert_array_equal(mixed["labels"], np.tile([1.0, 0.0], (25, 1)))
+    assert mixed["image"].shape[1:] == (SIZE, SIZE, 1)
+    assert len(synthetic_entries(synthetic_ratio=0.5)[0]["index"]) == round(0.5 * num_real)
+    assert len(synthetic_entries()[0]["index"]) == 10
+
+    source = synthetic.SyntheticSource(tmp_path / "synth", ("Cardiomegaly", "Effusion"), unlisted="unknown")
+    np.testing.assert_array_equal(source.label_mask[0], [1.0, 0.0])
+    assert source.rows[3]["seed"] == "3" and source.table.image_id[3] == "synthetic_000003.png"
+    with pytest.raises(ValueError, match="does not have"):
+        synthetic.SyntheticSource(tmp_path / "synth", ("Effusion",))
+
+
+def test_iterator_checkpoint_resumes_with_the_same_batches(data_dir, tmp_path):
+    def make():
+        return iter(pipeline.make_dataset(data_config(data_dir), "train", train=True, seed=0, batch_size=16))
+    iterator = make()
+    take_from = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
+    take_from(iterator, 3)
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    expected = take_from(iterator, 2)
+
+    resumed = make()
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    for want, got in zip(expected, take_from(resumed, 2)):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_process_shards_form_the_global_batch_on_8_devices(data_dir):
+    config = data_config(data_dir)
+    single = take(pipeline.make_dataset(config, "test", train=False, seed=0, batch_size=16), 2)
+    shards = [take(pipeline.make_dataset(config, "test", train=False, seed=0, batch_size=16, process_index=p,
+                                         process_count=2), 2) for p in range(2)]
+    for step, batch in enumerate(single):
+        assert shards[0][step]["image"].shape[0] == 8
+        union = np.concatenate([shards[0][step]["index"], shards[1][step]["index"]])
+        assert sorted(union) == sorted(batch["index"])
+
+    mesh = sharding.make_mesh((8, 1, 1))
+    assert len(jax.devices()) == 8
+    global_batch = pipeline.to_global(single[0], mesh)
+    image = global_batch["image"]
+    assert image.shape == (16, SIZE, SIZE, 1) and len(image.addressable_shards) == 8
+    assert image.sharding.spec == jax.sharding.PartitionSpec(sharding.BATCH_AXES, None, None, None)
+    np.testing.assert_array_equal(np.asarray(image), single[0]["image"])
+    np.testing.assert_array_equal(np.asarray(global_batch["index"]), single[0]["index"])
+
+
+def test_worker_processes_give_the_same_batches(data_dir):
+    config = data_config(data_dir)
+    expected = take(pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16), 4)
+    for workers in (1, 2):
+        iterator = iter(pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16,
+                                              num_workers=workers))
+        try:
+            for want in expected:
+                got = next(iterator)
+                for key in want:
+                    np.testing.assert_array_equal(want[key], got[key])
+        finally:
+            iterator.close()
+
+
+def test_epochs_reshuffle_and_balanced_groups_are_uniform():
+    plan = pipeline._EpochPlan(real=np.arange(100), groups=None, synthetic=np.zeros(0, np.int64), shuffle=True,
+                               seed=0, pad_to=1)
+    first, second = plan.entries(0), plan.entries(1)
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(np.sort(first[:, 1]), np.sort(second[:, 1]))
+    groups = (np.array([0]), np.arange(1, 100))  # one image vs 99 images
+    balanced = pipeline._EpochPlan(real=np.arange(100), groups=groups, synthetic=np.zeros(0, np.int64),
+                                   shuffle=True, seed=0, pad_to=1)
+    draws = np.concatenate([balanced.entries(e)[:, 1] for e in range(20)])
+    assert 0.4 < np.mean(draws == 0) < 0.6
+
+
+def test_clear_errors(data_dir, tmp_path):
+    config = data_config(data_dir)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        pipeline.make_dataset(config, "validation", train=True, seed=0, batch_size=4096)
+    with pytest.raises(ValueError, match="unknown label"):
+        pipeline.make_dataset(data_config(data_dir, labels=("Cardiomegally",)), "train", train=True, seed=0,
+                              batch_size=8)
+    with pytest.raises(ValueError, match="holds 32x32"):
+        pipeline.make_dataset(data_config(data_dir, image_size=64), "train", train=True, seed=0, batch_size=8)
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        pipeline.make_dataset(config, "dev", train=True, seed=0, batch_size=8)
+    with pytest.raises(builders.NotPreparedError, match="python -m xray_dit.data.builders.prepare"):
+        pipeline.make_dataset(data_config(tmp_path), "train", train=True, seed=0, batch_size=8)
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16, process_index=0, process_count=3)
+
+
+class LeakyCxr(common.CxrBuilder, skip_registration=True):
+    """A deliberately broken dataset: patient p2 is in train and test."""
+    name = "leaky_cxr"
+    LABELS = ("Cardiomegaly",)
+    BUILDER_CONFIGS = [common.CxrConfig(name="8", size=8)]
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._records(["p1", "p2"]), "test": self._records(["p2", "p3"])}
+
+    def _records(self, patients):
+        for patient in patients:
+            yield patient, {"image": common.encode_png(np.zeros((8, 8), np.uint8)), "image_id": f"{patient}_0",
+                            "patient_id": patient, "labels": np.ones(1, np.float32),
+                            "label_mask": np.ones(1, np.float32), "age": 50.0, "sex": "F", "view": "PA"}
+
+
+def test_patient_in_two_splits_is_refused_on_load(tmp_path, monkeypatch):
+    LeakyCxr(data_dir=str(tmp_path)).download_and_prepare(download_config=tfds.download.DownloadConfig())
+    monkeypatch.setitem(builders.BUILDERS, "leaky_cxr", LeakyCxr)
+    with pytest.raises(splits.PatientLeakError, match="p2: test, train"):
+        pipeline.make_dataset({"name": "leaky_cxr/8", "data_dir": str(tmp_path)}, "train", train=False, seed=0,
+                              batch_size=2)
+
+
+def test_write_synthetic_converts_floats_and_round_trips(tmp_path):
+    floats = np.linspace(-1, 1, 2 * 16 * 16).reshape(2, 16, 16, 1)
+    manifest = synthetic.write_synthetic(tmp_path, floats, ["Effusion", "Cardiomegaly|Effusion"])
+    assert manifest.name == "manifest.csv" and not (tmp_path / "manifest.csv.partial").exists()
+    source = synthetic.SyntheticSource(tmp_path, ("Cardiomegaly", "Effusion"))
+    np.testing.assert_array_equal(source.labels, [[0, 1], [1, 1]])
+    pixels = np.asarray(Image.open(tmp_path / "synthetic_000001.png"))
+    np.testing.assert_array_equal(pixels, np.round((floats[1, ..., 0] + 1) * 127.5).astype(np.uint8))

@@ -1,0 +1,91 @@
+"""Patient-level split safety: carving a validation split by patient, refusing leaked patients, and
+the per-split metadata table (image id, patient id, labels per record index).
+
+A patient whose images sit in two splits makes every held-out metric optimistic (the model has
+seen that chest) and breaks the privacy study (a "held-out" neighbour is the same person), so the
+check runs when a dataset is prepared and again every time the pipeline loads one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+# How many leaked patients an error message lists before summarising the rest as a count.
+_MAX_LISTED = 20
+
+
+class PatientLeakError(ValueError):
+    """The same patient appears in more than one split."""
+
+
+def check_patient_disjoint(patients_by_split: Mapping[str, Iterable[str]], *, dataset: str = "dataset") -> None:
+    """Raises `PatientLeakError` naming every patient found in two or more splits (and which splits)."""
+    splits_of: dict[str, list[str]] = {}
+    for split, patients in patients_by_split.items():
+        for patient in set(patients):
+            splits_of.setdefault(patient, []).append(split)
+    leaked = {p: sorted(s) for p, s in splits_of.items() if len(s) > 1}
+    if not leaked:
+        return
+    listed = sorted(leaked)[:_MAX_LISTED]
+    lines = [f"  {p}: {', '.join(leaked[p])}" for p in listed]
+    if len(leaked) > len(listed):
+        lines.append(f"  ... and {len(leaked) - len(listed)} more")
+    raise PatientLeakError(
+        f"{dataset}: {len(leaked)} patient(s) appear in more than one split, which would leak patients "
+        "between training and evaluation:\n" + "\n".join(lines) +
+        "\nRe-prepare the dataset (its split lists or CSVs are inconsistent) or fix the split assignment.")
+
+
+def carve_validation_patients(patient_ids: Iterable[str], fraction: float, seed: int) -> frozenset[str]:
+    """Picks round(fraction × #patients) patients (at least one when fraction > 0) for validation.
+
+    Patients are sorted before the seeded permutation, so the result depends only on the set of
+    patients, the fraction and the seed, never on row order.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    patients = np.array(sorted(set(patient_ids)), dtype=object)
+    if fraction == 0.0 or len(patients) == 0:
+        return frozenset()
+    if len(patients) < 2:
+        raise ValueError(f"cannot carve a validation split by patient out of {len(patients)} patient(s); "
+                         "set the validation fraction to 0 or provide more patients")
+    count = min(len(patients) - 1, max(1, round(fraction * len(patients))))
+    chosen = np.random.default_rng(seed).permutation(len(patients))[:count]
+    return frozenset(patients[chosen].tolist())
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataTable:
+    """Per-record facts of one split (or of a synthetic folder), indexed like the records themselves.
+
+    The pipeline's batches carry only numbers; a batch's `index` (with `is_synthetic`) maps back
+    to image and patient ids through the table of the source the record came from.
+    """
+    label_names: tuple[str, ...]
+    image_id: np.ndarray      # (N,) str
+    patient_id: np.ndarray    # (N,) str; "" for synthetic images
+    labels: np.ndarray        # (N, L) float32 multi-hot over label_names
+    label_mask: np.ndarray    # (N, L) float32, 1 = known
+    age: np.ndarray           # (N,) float32, -1 = unknown
+    sex: np.ndarray           # (N,) str
+    view: np.ndarray          # (N,) str
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+    def label_columns(self, names: Sequence[str]) -> np.ndarray:
+        """Column indices of `names` in this table's labels, or a ValueError listing the known names."""
+        unknown = [n for n in names if n not in self.label_names]
+        if unknown:
+            raise ValueError(f"unknown label(s) {unknown}; this dataset's labels are {list(self.label_names)}")
+        return np.array([self.label_names.index(n) for n in names], dtype=np.int64)
+
+    def positives(self, name: str) -> np.ndarray:
+        """Indices of the records known to be positive for `name`."""
+        column = self.label_columns([name])[0]
+        return np.flatnonzero((self.labels[:, column] == 1) & (self.label_mask[:, column] == 1))

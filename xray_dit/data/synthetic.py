@@ -1,0 +1,115 @@
+"""Generated images as a Grain source: a folder of PNGs plus `manifest.csv`.
+
+Manifest columns: `file` (PNG path relative to the folder) and `label` (the class the image was
+generated as; several as "A|B"; empty = none of the labels), then any others the generator wants
+to keep (seed, guidance scale, filter scores, ...); extra columns are kept in `rows`.
+
+Labels a manifest row does not name are negatives by default (`unlisted="negative"`: the DiT was
+asked for that class only) or unknown (`unlisted="unknown"`: label_mask 0 for them).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+from etils import epath
+
+from xray_dit.data import splits
+from xray_dit.data.builders import common
+
+MANIFEST = "manifest.csv"
+UNLISTED_POLICIES = ("negative", "unknown")
+_MAX_LISTED = 20
+
+
+class SyntheticSource:
+    """Random-access source over a synthetic folder: `source[i]` → {"image": PNG bytes, ...}."""
+
+    def __init__(self, folder: str | os.PathLike, label_names: Sequence[str], *, unlisted: str = "negative"):
+        if unlisted not in UNLISTED_POLICIES:
+            raise ValueError(f"unlisted must be one of {UNLISTED_POLICIES}, got {unlisted!r}")
+        self.folder = epath.Path(folder)
+        self.label_names = tuple(label_names)
+        manifest = self.folder / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no {MANIFEST} in the synthetic folder {self.folder}; it needs columns "
+                                    "file,label (see xray_dit.data.synthetic.write_synthetic)")
+        with manifest.open() as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("file", "label") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{manifest}: missing column(s) {missing}; found {reader.fieldnames}")
+            self.rows: list[dict[str, str]] = list(reader)
+        if not self.rows:
+            raise ValueError(f"{manifest} lists no images")
+
+        self.files = [row["file"] for row in self.rows]
+        absent = [name for name in self.files if not (self.folder / name).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{len(absent)} file(s) listed in {manifest} do not exist: "
+                                    f"{absent[:_MAX_LISTED]}{' ...' if len(absent) > _MAX_LISTED else ''}")
+        named = [[n.strip() for n in row["label"].split("|") if n.strip()] for row in self.rows]
+        unknown = sorted({n for names in named for n in names} - set(self.label_names))
+        if unknown:
+            raise ValueError(f"{manifest} uses label(s) {unknown} that the real dataset does not have; "
+                             f"its labels are {list(self.label_names)}")
+        self.labels = np.stack([common.multi_hot(names, self.label_names) for names in named])
+        self.label_mask = np.ones_like(self.labels) if unlisted == "negative" else self.labels.copy()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, bytes]:
+        return {"image": (self.folder / self.files[index]).read_bytes()}
+
+    def __repr__(self) -> str:
+        return f"SyntheticSource({self.folder}, {len(self)} images)"
+
+    @property
+    def table(self) -> splits.MetadataTable:
+        count = len(self)
+        return splits.MetadataTable(
+            label_names=self.label_names, image_id=np.array(self.files, dtype=object),
+            patient_id=np.full(count, "", dtype=object), labels=self.labels, label_mask=self.label_mask,
+            age=np.full(count, common.UNKNOWN_AGE, np.float32), sex=np.full(count, "", dtype=object),
+            view=np.full(count, "", dtype=object))
+
+
+def write_synthetic(folder: str | os.PathLike, images: np.ndarray, labels: Sequence[str],
+                    extra_columns: Mapping[str, Sequence] | None = None, *, prefix: str = "synthetic") -> epath.Path:
+    """Writes images as `<prefix>_NNNNNN.png` plus `manifest.csv`; returns the manifest path.
+
+    `images`: (N, H, W) or (N, H, W, 1), uint8, or float in [-1, 1] (the pipeline's convention),
+    which is rounded to uint8. `labels`: one label string per image ("A" or "A|B").
+    """
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, 1), got {images.shape}")
+    if np.issubdtype(images.dtype, np.floating):
+        images = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    elif images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 or float in [-1, 1], got {images.dtype}")
+    extra_columns = dict(extra_columns or {})
+    for name, values in {"label": labels, **extra_columns}.items():
+        if len(values) != len(images):
+            raise ValueError(f"column {name!r} has {len(values)} values for {len(images)} images")
+    folder = epath.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [f"{prefix}_{i:06d}.png" for i in range(len(images))]
+    for name, pixels in zip(files, images):
+        (folder / name).write_bytes(common.encode_png(pixels))
+    # The manifest goes last and appears atomically: an interrupted write leaves no folder that loads.
+    manifest = folder / MANIFEST
+    partial = folder / (MANIFEST + ".partial")
+    with partial.open("w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["file", "label", *extra_columns])
+        for i, name in enumerate(files):
+            writer.writerow([name, labels[i], *(values[i] for values in extra_columns.values())])
+    partial.rename(manifest)
+    return manifest

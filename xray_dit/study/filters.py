@@ -1,0 +1,136 @@
+"""Phase 5: the four filters, each reported on its own, and the oversampling control set.
+
+All thresholds come from training and validation (held-out) images; the test split is never read here.
+
+  label fidelity  the baseline classifier's probability for the target class ≥ study.fidelity_threshold
+  realism         distance to the k-th nearest real minority training image (classifier feature space,
+                  cosine) ≤ the study.realism_percentile of the same distance among real minority images
+  privacy         nearest training image closer than the study.privacy_percentile of validation → train
+                  nearest-neighbour distances, in pixel space (1 − Pearson correlation) or in feature space
+                  (cosine): rejected
+  duplicates      a sample whose pixel correlation with an earlier kept sample exceeds
+                  study.duplicate_threshold: rejected (one of each near-identical pair is kept)
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import logging
+
+from xray_dit.data import synthetic as synthetic_lib
+from xray_dit.evaluation import plots, privacy
+from xray_dit.study import probe
+from xray_dit.study.phases import StudyContext
+
+REALISM_K = 5
+MAX_EXAMPLES = 8
+
+
+def kth_neighbour_distance(query: np.ndarray, reference: np.ndarray, k: int, *, exclude_self: bool = False) -> np.ndarray:
+    """Cosine distance from each query row to its k-th nearest reference row."""
+    q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+    r = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+    distances = 1.0 - q @ r.T
+    if exclude_self:
+        np.fill_diagonal(distances, np.inf)
+    k = min(k, distances.shape[1] - (1 if exclude_self else 0))
+    return np.partition(distances, k - 1, axis=1)[:, k - 1]
+
+
+def greedy_duplicates(images: np.ndarray, threshold: float) -> np.ndarray:
+    """True for each image whose pixel correlation with an earlier *kept* image exceeds `threshold`."""
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    flat /= np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    corr = flat @ flat.T
+    duplicate = np.zeros(len(images), bool)
+    kept: list[int] = []
+    for i in range(len(images)):
+        if kept and corr[i, kept].max() > threshold:
+            duplicate[i] = True
+        else:
+            kept.append(i)
+    return duplicate
+
+
+def run_filters(context: StudyContext) -> dict:
+    config, study = context.config, context.config.study
+    out_dir = context.phase_dir("05_filter")
+    target = config.data.target_class
+    labels = list(config.data.labels)
+    t = labels.index(target)
+    probe_model = probe.ClassifierProbe(context)
+
+    synthetic = probe.synthetic_images(context.results["04_generate"]["out_dir"], labels)
+    train = probe.real_images(context, "train")
+    heldout = probe.real_images(context, "validation")
+    minority = train.subset(train.labels[:, t] == 1)
+    if len(minority) < 2:
+        raise ValueError(f"only {len(minority)} training images of {target!r}: too few to judge realism")
+
+    syn_probs, syn_feats = probe_model(synthetic.images)
+    _, train_feats = probe_model(train.images)
+    _, heldout_feats = probe_model(heldout.images)
+    minority_feats = train_feats[train.labels[:, t] == 1]
+
+    # Label fidelity.
+    fidelity_ok = syn_probs[:, t] >= study.fidelity_threshold
+    # Realism: within the spread real minority images show among themselves.
+    syn_knn = kth_neighbour_distance(syn_feats, minority_feats, REALISM_K)
+    real_knn = kth_neighbour_distance(minority_feats, minority_feats, REALISM_K, exclude_self=True)
+    realism_threshold = float(np.percentile(real_knn, study.realism_percentile))
+    realism_ok = syn_knn <= realism_threshold
+    # Privacy: thresholds from held-out (validation) → train distances only.
+    train_px, heldout_px, syn_px = (probe.downsample_for_pixels(s.images) for s in (train, heldout, synthetic))
+    heldout_pixel_d, _ = privacy.pixel_nearest_neighbours(heldout_px, train_px)
+    heldout_feat_d, _ = privacy.nearest_neighbours(heldout_feats, train_feats, metric="cosine")
+    pixel_threshold = privacy.privacy_threshold(heldout_to_train_distances=heldout_pixel_d,
+                                                percentile=study.privacy_percentile)
+    feature_threshold = privacy.privacy_threshold(heldout_to_train_distances=heldout_feat_d,
+                                                  percentile=study.privacy_percentile)
+    syn_pixel_d, syn_pixel_nn = privacy.pixel_nearest_neighbours(syn_px, train_px)
+    syn_feat_d, _ = privacy.nearest_neighbours(syn_feats, train_feats, metric="cosine")
+    privacy_ok = (syn_pixel_d >= pixel_threshold) & (syn_feat_d >= feature_threshold)
+    # Duplicates among the samples.
+    duplicate_ok = ~greedy_duplicates(syn_px, study.duplicate_threshold)
+
+    criteria = {"label fidelity": fidelity_ok, "realism": realism_ok, "privacy": privacy_ok, "duplicates": duplicate_ok}
+    accepted = np.logical_and.reduce(list(criteria.values()))
+    summary = {name: {"passed": int(ok.sum()), "rejected": int((~ok).sum())} for name, ok in criteria.items()}
+    examples = {}
+    for name, ok in criteria.items():
+        rejected = np.flatnonzero(~ok)[:MAX_EXAMPLES]
+        if len(rejected):
+            path = out_dir / f"rejected_{name.replace(' ', '_')}.png"
+            plots.image_grid(synthetic.images[rejected], path, nrow=min(len(rejected), MAX_EXAMPLES),
+                             titles=[str(synthetic.ids[i]) for i in rejected], title=f"rejected by {name}")
+            examples[name] = str(path)
+    logging.info("filters: %s; accepted %d of %d", summary, accepted.sum(), len(synthetic))
+
+    accepted_dir = out_dir / "accepted"
+    if accepted.any():
+        synthetic_lib.write_synthetic(accepted_dir, synthetic.images[accepted], [target] * int(accepted.sum()),
+                                      {"source_file": list(synthetic.ids[accepted]),
+                                       "p_target": [f"{p:.4f}" for p in syn_probs[accepted, t]]}, prefix="accepted")
+    oversampled_dir = out_dir / "oversampled_real"
+    synthetic_lib.write_synthetic(
+        oversampled_dir, minority.images,
+        ["|".join(n for n, v in zip(labels, row) if v) for row in minority.labels],
+        {"image_id": list(minority.ids), "patient_id": list(minority.patients)}, prefix="real")
+
+    per_sample = {"file": synthetic.ids.tolist(), "p_target": syn_probs[:, t].tolist(), "knn_distance": syn_knn.tolist(),
+                  "nn_pixel_distance": syn_pixel_d.tolist(), "nn_feature_distance": syn_feat_d.tolist(),
+                  "nn_train_image": train.ids[syn_pixel_nn].tolist(),
+                  **{f"pass_{k.replace(' ', '_')}": v.tolist() for k, v in criteria.items()}}
+    (out_dir / "per_sample.json").write_text(json.dumps(per_sample))
+    return {"generated": len(synthetic), "accepted": int(accepted.sum()), "criteria": summary,
+            "thresholds": {"fidelity_probability": float(study.fidelity_threshold), "realism_knn": realism_threshold,
+                           "privacy_pixel": float(pixel_threshold), "privacy_feature": float(feature_threshold),
+                           "duplicate_correlation": float(study.duplicate_threshold)},
+            "threshold_sources": {"realism": "train minority images (leave-one-out)",
+                                  "privacy": "validation → train nearest-neighbour distances"},
+            "reject_examples": examples, "accepted_dir": str(accepted_dir),
+            "oversampled_dir": str(oversampled_dir), "real_minority_train": len(minority),
+            "classifier": probe_model.source}

@@ -218,8 +218,8 @@ def main():
     only = set(args.only.split(","))
     if "dit" in only:
         runs = [(m, attention) for m in args.dit_models.split(",")]
-        if on_gpu:
-            runs.insert(1, ("DiT-B/2", "xla"))
+        if on_gpu and "DiT-B/2" in args.dit_models.split(","):
+            runs.insert(1, ("DiT-B/2", "xla"))  # the attention-implementation comparison
         for name, attn in runs:
             if not left():
                 break

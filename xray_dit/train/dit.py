@@ -32,21 +32,43 @@ CACHE_INFO = "latents.json"
 # --------------------------------------------------------------------------------------------------
 # The VAE and the latent cache
 # --------------------------------------------------------------------------------------------------
-def load_vae(vae_dir: str | epath.PathLike, config: ml_collections.ConfigDict):
-    """(model, params, scaling_factor) of a VAE export, computing in the configured dtype."""
+def restore_target(boxed_abstract: Any, mesh, config: ml_collections.ConfigDict) -> Any:
+    """Shapes and dtypes of `jax.eval_shape(model.init)["params"]`, placed by their logical axes on `mesh`
+    (None: the config's mesh).
+
+    Without shardings Orbax restores onto the devices the export was saved from (device 0 of the run
+    that trained it), which a jitted call on another mesh refuses.
+    """
+    shardings = sharding.logical_to_shardings(boxed_abstract, mesh or sharding.make_mesh(config.mesh.shape))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        sharding.unbox(boxed_abstract), shardings)
+
+
+def load_vae(vae_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
+    """(model, params on `mesh`, scaling_factor) of a VAE export, computing in the configured dtype."""
     info = checkpoint.load_export_info(vae_dir)
     model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
                                           attention_impl="xla")  # see model_factory.vae_from_config
-    abstract = sharding.unbox(jax.eval_shape(lambda: model.init(
+    abstract = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, model.downsample_factor, model.downsample_factor, model.in_channels)),
-        sample_posterior=False)))["params"]
-    params, info = checkpoint.load_export(vae_dir, abstract, kind="vae")
+        sample_posterior=False))["params"]
+    params, info = checkpoint.load_export(vae_dir, restore_target(abstract, mesh, config), kind="vae")
     return model, params, float(info.get("scaling_factor", model.scaling_factor))
+
+
+def _files_under(directory: epath.Path):
+    for path in directory.iterdir():   # epath refuses `**` globs (slow on GCS); exports are a few files
+        yield from _files_under(path) if path.is_dir() else (path,)
 
 
 def _cache_fingerprint(config, vae_dir, class_names, only_class) -> dict:
     info = checkpoint.load_export_info(vae_dir)
+    # model.json can stay the same when new weights are exported into the same folder (an import rerun
+    # on a replaced file); Orbax names the files of every save afresh, so their listing tells saves apart.
+    params_files = sorted(f"{p.relative_to(epath.Path(vae_dir))}:{p.stat().length}"
+                          for p in _files_under(epath.Path(vae_dir) / "params"))
     return {"vae_dir": str(vae_dir), "vae_info_sha": hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest(),
+            "vae_params_sha": hashlib.sha256("\n".join(params_files).encode()).hexdigest(),
             "dataset": f"{config.data.name}/{config.data.builder_config}", "split": "train",
             "class_names": list(class_names), "only_class": only_class, "image_size": int(config.data.image_size)}
 
@@ -65,7 +87,7 @@ def build_latent_cache(config: ml_collections.ConfigDict, workdir: epath.Path, v
             return cache_dir, info
         logging.warning("latent cache in %s was made from other inputs; rebuilding it", cache_dir)
 
-    model, params, scale = load_vae(vae_dir, config)
+    model, params, scale = load_vae(vae_dir, config, mesh=mesh)
     directory = common.ensure_prepared(config, workdir)
 
     @jax.jit
@@ -198,7 +220,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
     scale = cache["scaling_factor"]
     train_cfg = config.dit.train
     data = iter(latent_dataset(cache_dir, cache, batch_size=int(train_cfg.batch_size), seed=int(config.seed)))
-    vae, vae_params, _ = load_vae(vae_dir, config)
+    vae, vae_params, _ = load_vae(vae_dir, config, mesh=mesh)
     grid_sampler = jax.jit(make_sampler(model, vae, schedule, sampler="ddim", num_steps=50, scale=scale))
     grid_noise = jax.random.normal(jax.random.PRNGKey(1234), (16, height, width, channels))
     grid_labels = jnp.full((16,), class_names.index(target) if class_names else 0, jnp.int32)
@@ -206,8 +228,8 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
 
     def sample_grid(state, step):
         params = state.get("ema_params", state["params"])
-        images = common.to_uint8(np.asarray(grid_sampler(params, vae_params, grid_noise, grid_labels,
-                                                         jax.random.PRNGKey(0))))
+        images = common.to_uint8(sharding.global_to_host(grid_sampler(params, vae_params, grid_noise, grid_labels,
+                                                                      jax.random.PRNGKey(0))))
         if jax.process_index() == 0:
             common.save_grid(images, workdir / "samples" / f"step_{step:07d}.png", ncol=4)
             writer = metric_writer.MetricWriter(workdir / "tensorboard")

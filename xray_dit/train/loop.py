@@ -127,6 +127,8 @@ class _Preemption:
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:  # jax.distributed's preemption notifier owns SIGTERM then
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: leave signals alone
@@ -137,6 +139,14 @@ class _Preemption:
         del signum, frame
         logging.warning("SIGTERM received: finishing this step, saving a checkpoint, then exiting")
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`. Several processes must agree on the step, or the
+        collective checkpoint would hang: JAX's preemption sync point makes them agree."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -213,7 +223,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
                 state, metrics = update_step(state, batch)
                 step += 1
                 pending.append((step, metrics))
-                report = progress.due(step) or preemption.requested
+                preempted = preemption.reached(step)
+                report = progress.due(step) or preempted
                 if report:
                     fetched = jax.device_get(pending)
                     pending = []
@@ -226,10 +237,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
                 if task.evaluate is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 \
                         and step < total_steps:
                     _evaluate(task, state, step, writer)
-                if checkpointer.should_save(step) or preemption.requested:
-                    checkpointer.save(step, state, data_iterator=task.data, config=config,
-                                      force=preemption.requested)
-                if preemption.requested:
+                if checkpointer.should_save(step) or preempted:
+                    checkpointer.save(step, state, data_iterator=task.data, config=config, force=preempted)
+                if preempted:
                     checkpointer.close()
                     writer.close()
                     logging.warning("[%s] preempted: checkpoint of step %d saved; rerun the same command to resume",

@@ -1,0 +1,37 @@
+"""The full-scale study on NIH ChestX-ray14, Cardiomegaly as the minority class, on one accelerator.
+
+Command (NIH files laid out as README "Data" says; SD-VAE weights imported once, see below):
+    python -m xray_dit.tools.import_weights --kind=vae --src=diffusion_pytorch_model.safetensors --out=weights/sd_vae
+    python -m xray_dit.main --config=configs/study.py --workdir=gs://BUCKET/study \\
+        --config.data.manual_dir=/data/nih --config.vae.init_from=weights/sd_vae
+
+Phases as in the quickstart, at 256 px: EVA-02-S/16 baseline (3 seeds), the SD VAE fine-tuned on X-rays,
+DiT-B/2 on the Cardiomegaly latents for 50,000 steps, 500 samples, the four filters, retraining with 500
+synthetic / 500 oversampled real Cardiomegaly images, comparison, privacy, report.
+Expected wall time on one H200 (from measured step times, bench/RESULTS.md): DiT 50k steps × 256 at
+2,880 img/s ≈ 74 min; VAE fine-tune 5k steps at ~0.19 s ≈ 16 min; generation of 500 images 6 s; classifier
+runs (9 × 5k steps × 128 images) not yet measured on GPU, estimated 15-25 min; about 2 hours in all, less on a
+TPU v5e-8 slice in proportion to its bf16 throughput (not measured). Expected result: whatever the data say; the
+report states the AUC differences with their confidence intervals. NIH's Cardiomegaly is 2.5 % of images.
+EVA-02 at 256 px uses patch 16 (256 is not a multiple of 14), so it trains from scratch: timm's patch-14 weights
+do not fit; use data.image_size=224 with patch 14 and classifier.init_from to start from them instead.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+    config = base.get_config(arg)
+    config.task = "study"
+    config.compute_dtype = "bfloat16"
+    config.attention_impl = "cudnn"
+    config.data.update(name="nih_chestxray14", builder_config="256", image_size=256, labels=base.NIH_LABELS,
+                       target_class="Cardiomegaly", num_workers=8)
+    config.classifier.update(model="S", patch_size=16, pos_weight="balanced")
+    config.classifier.train.update(steps=5000, batch_size=128, eval_every=500, checkpoint_every=500)
+    config.vae.train.update(steps=5000, batch_size=32, lr=1e-5, warmup_steps=200, eval_every=1000,
+                            checkpoint_every=1000)
+    config.dit.update(model="DiT-B/2", class_conditional=False)
+    config.dit.train.update(steps=50_000, batch_size=256, ema_decay=0.9999)
+    config.study.update(seeds=(0, 1, 2), num_synthetic=500, synthetic_counts=(500,))
+    return config

@@ -29,8 +29,11 @@ def ensure_prepared(config: ml_collections.ConfigDict, workdir: epath.Path) -> e
     """
     directory = data_dir(config, workdir)
     if jax.process_index() == 0:
-        builders.prepare(config.data.name, _builder_config(config.data), data_dir=directory,
-                         manual_dir=config.data.manual_dir or None)
+        try:  # prepared already (also custom configs, e.g. a test's own phantom spec): nothing to do
+            builders.load_prepared(config.data.name, config.data.builder_config or None, data_dir=directory)
+        except builders.NotPreparedError:
+            builders.prepare(config.data.name, _builder_config(config.data), data_dir=directory,
+                             manual_dir=config.data.manual_dir or None)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("dataset prepared")

@@ -1,0 +1,171 @@
+"""The study end to end on a micro configuration: every artefact, statistics on the right rows, resume.
+
+One run (module-scoped) of all nine phases on a 400-image phantom with tiny models, watched by spies that
+record which split every image pass reads and which rows the statistics receive.
+"""
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import tiny_configs
+from xray_dit.data import phantom
+from xray_dit.data.builders import cxr_phantom
+from xray_dit.evaluation import classification, privacy
+from xray_dit.study import phases
+from xray_dit.train import common
+from xray_dit.train.classifier import read_predictions
+
+MICRO_NAME = "64_micro"
+# Enough Cardiomegaly that every split holds some (validation thresholds and held-out distances need them).
+MICRO_SPEC = phantom.PhantomSpec(cardiomegaly_prevalence=0.25, label_noise=0.0)
+TEST_READERS = {"evaluate_on_test", "privacy_and_quality"}   # the only code allowed to read the test split
+
+
+def micro_config(data_dir):
+    config = tiny_configs.tiny_config(data_dir)
+    config.data.builder_config = MICRO_NAME
+    config.study.update(seeds=(0, 1), num_synthetic=16, synthetic_counts=(8,), bootstrap_samples=200)
+    config.sample.update(batch_size=16, num_steps=4)
+    config.dit.train.eval_every = 20
+    return config
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from xray_dit.data import builders
+    root = tmp_path_factory.mktemp("study")
+    data_dir = root / "tfds"
+    builders.prepare("cxr_phantom", cxr_phantom.PhantomConfig(name=MICRO_NAME, size=64, num_images=400,
+                                                              spec=MICRO_SPEC), data_dir=data_dir,
+                     prepare_workers=0)
+    reads, bootstrap_calls, threshold_calls = [], [], []
+    original_passes = common.eval_passes
+    original_boot = classification.bootstrap_auc_ci
+    original_threshold = privacy.privacy_threshold
+
+    def spy_passes(config, directory, split, batch_size, **kwargs):
+        callers = {frame.function for frame in inspect.stack()}
+        reads.append((split, callers))
+        return original_passes(config, directory, split, batch_size, **kwargs)
+
+    def spy_bootstrap(labels, scores, patient_ids, **kwargs):
+        bootstrap_calls.append(np.asarray(patient_ids))
+        return original_boot(labels, scores, patient_ids, **kwargs)
+
+    def spy_threshold(*, heldout_to_train_distances, percentile):
+        threshold_calls.append(np.asarray(heldout_to_train_distances))
+        return original_threshold(heldout_to_train_distances=heldout_to_train_distances, percentile=percentile)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "eval_passes", spy_passes)
+        patch.setattr(classification, "bootstrap_auc_ci", spy_bootstrap)
+        patch.setattr(privacy, "privacy_threshold", spy_threshold)
+        config = micro_config(data_dir)
+        workdir = root / "run"
+        results = phases.run(config, workdir)
+    return {"config": config, "workdir": workdir, "results": results, "reads": reads,
+            "bootstrap_patients": bootstrap_calls, "threshold_inputs": threshold_calls, "data_dir": data_dir}
+
+
+def test_every_phase_finished_and_left_its_artefacts(study):
+    workdir = study["workdir"]
+    for phase in phases.PHASES:
+        assert (workdir / phase / phases.MARKER).exists(), phase
+    for path in ["report.md", "report.html", "01_baseline/seed_0/predictions_test.csv", "01_baseline/seed_1/roc_test.png",
+                 "02_vae/export/model.json", "03_dit/export/model.json", "04_generate/samples/manifest.csv",
+                 "05_filter/per_sample.json", "05_filter/oversampled_real/manifest.csv",
+                 "07_compare/compare.json", "07_compare/roc_by_arm.png", "07_compare/auc_ci_by_arm.png",
+                 "08_privacy/privacy.json", "08_privacy/nn_distance_histogram.png", "08_privacy/closest_pairs.png",
+                 "08_privacy/real_vs_synthetic.png"]:
+        assert (workdir / path).exists(), path
+    assert len(list((workdir / "04_generate" / "samples").glob("*.png"))) == 16
+    report = (workdir / "report.md").read_text()
+    for section in ["## Answer", "Classifier performance per arm", "Synthetic images and the filters", "## Privacy",
+                    "Quality of the synthetic set", "## Limitations", "wall time"]:
+        assert section in report
+    html = (workdir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 6 and "<table>" in html
+
+
+def test_arms_and_seeds(study):
+    compare = study["results"]["07_compare"]
+    assert set(compare["arms"]) == {"real only", "real + 8 synthetic", "real + 8 oversampled real"}
+    for arm, row in compare["arms"].items():
+        assert set(row["seed_auc"]) == {"0", "1"}
+        lo_hi = row["target_ensemble_auc_ci"]
+        assert lo_hi[1] <= lo_hi[0] <= lo_hi[2]
+        if arm != "real only":
+            assert 0.0 <= row["vs_baseline"]["delong_p"] <= 1.0
+    assert len(compare["statements"]) == 2 and all("significant" in s for s in compare["statements"])
+
+
+def test_bootstrap_resamples_the_test_patients(study):
+    """Every CI is computed over test-split patient ids: as many groups as test patients, never images."""
+    test = read_predictions(study["workdir"] / "01_baseline" / "seed_0" / "predictions_test.csv")
+    compare = study["results"]["07_compare"]
+    assert study["bootstrap_patients"], "no bootstrap was run"
+    for patient_ids in study["bootstrap_patients"]:
+        assert set(patient_ids) == set(test["patient_id"])
+        assert len(np.unique(patient_ids)) == compare["test_patients"] < len(patient_ids)
+
+
+def test_privacy_threshold_comes_from_held_out_validation_images(study):
+    filt = study["results"]["05_filter"]
+    from xray_dit.data import pipeline
+    n_val = len(pipeline.metadata_table(study["config"].data, "validation", data_dir=study["data_dir"]))
+    assert len(study["threshold_inputs"]) == 2  # pixel and feature space
+    assert all(len(d) == n_val for d in study["threshold_inputs"])
+    assert filt["threshold_sources"]["privacy"].startswith("validation")
+
+
+def test_no_test_image_is_used_for_filtering_thresholds_or_selection(study):
+    test_reads = [callers for split, callers in study["reads"] if split == "test"]
+    assert test_reads, "the test split was never evaluated"
+    for callers in test_reads:
+        assert callers & TEST_READERS, f"test split read from {sorted(callers)[:8]}"
+        assert not callers & {"run_filters", "evaluate"}, "test split read while filtering or selecting a model"
+
+
+def test_privacy_and_quality_numbers_are_in_range(study):
+    priv = study["results"]["08_privacy"]
+    assert 0.0 <= priv["memorisation_rate"] <= 1.0
+    assert 0.0 <= priv["membership_inference"]["auc"] <= 1.0
+    assert priv["quality"]["all generated"]["n"] == 16
+    assert "ctr_oracle" in priv and priv["ctr_oracle"]["generated"] == 16
+
+
+def test_rerun_skips_done_phases_and_rerun_from_repeats_the_tail(study, monkeypatch):
+    calls = []
+    original = phases._phase_functions
+
+    def counting():
+        return {name: (lambda ctx, f=f, name=name: calls.append(name) or f(ctx)) for name, f in original().items()}
+    monkeypatch.setattr(phases, "_phase_functions", counting)
+    config = micro_config(study["data_dir"])
+    phases.run(config, study["workdir"])
+    assert calls == []
+    report_before = (study["workdir"] / "09_report" / phases.MARKER).read_text()
+    config.study.rerun_from = "report"
+    phases.run(config, study["workdir"])
+    assert calls == ["09_report"]
+    assert (study["workdir"] / "09_report" / phases.MARKER).read_text() != report_before
+    config.study.rerun_from = "no_such_phase"
+    with pytest.raises(ValueError, match="not a phase"):
+        phases.run(config, study["workdir"])
+
+
+def test_filters_on_constructed_sets():
+    from xray_dit.study import filters
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(5, 8, 8))
+    images[3] = images[1] * 2 + 0.5          # perfectly correlated with image 1
+    assert filters.greedy_duplicates(images, 0.98).tolist() == [False, False, False, True, False]
+    reference = rng.normal(size=(20, 4))
+    query = np.concatenate([reference[:2], rng.normal(size=(2, 4)) * 10])
+    d = filters.kth_neighbour_distance(query, reference, 1)
+    assert d[0] == pytest.approx(0.0, abs=1e-9) and d[1] == pytest.approx(0.0, abs=1e-9)
+    loo = filters.kth_neighbour_distance(reference, reference, 1, exclude_self=True)
+    assert np.all(loo > 0)

@@ -77,6 +77,7 @@ def get_config(arg=None):
         block_out_channels=(128, 256, 512, 512),   # f8: len - 1 = 3 downsamplings
         layers_per_block=2,
         latent_channels=4,
+        norm_num_groups=32,
         init_from="",                  # Orbax checkpoint from tools/import_weights (diffusers SD VAE)
         kl_weight=1e-6,
         ssim_weight=0.2,

@@ -67,7 +67,8 @@ def classifier_from_config(config: ml_collections.ConfigDict, *, num_classes: in
 def vae_from_config(config: ml_collections.ConfigDict):
     v = config.vae
     model = vae_lib.make_vae(dict(in_channels=1, out_channels=1, block_out_channels=tuple(v.block_out_channels),
-                                  layers_per_block=v.layers_per_block, latent_channels=v.latent_channels),
+                                  layers_per_block=v.layers_per_block, latent_channels=v.latent_channels,
+                                  norm_num_groups=v.norm_num_groups),
                              # The mid-block attention is one head as wide as the channels (512 in SD),
                              # beyond cuDNN's fused-attention limit of 256; it is a small cost, so XLA's.
                              dtype=dtype_from_name(config.compute_dtype), attention_impl="xla")

@@ -62,6 +62,7 @@ def test_unknown_override_key_is_named(tmp_path):
     ((), "missing --config"),
     (("--config=configs/no_such.py",), "does not exist"),
     (("--config=configs/quickstart.py",), "missing --workdir"),
+    (("--config=configs/__init__.py", "--workdir=/tmp/x"), "defines no get_config"),
     (("--config=configs/quickstart.py", "--workdir=/proc/forbidden/x"), "cannot write to workdir"),
 ])
 def test_bad_command_lines_give_one_clear_message(args, message):

@@ -62,11 +62,13 @@ def _check_argv(argv: list[str]) -> None:
         available = sorted(p.name for p in epath.Path("configs").glob("*.py") if not p.name.startswith("_"))
         raise UsageError(f"config file {path} does not exist (looked relative to {os.getcwd()}). "
                          f"Available in configs/: {', '.join(available) or 'none found'}")
+    module = config_flags.config_flags._LoadConfigModule("config", str(path))
+    if not callable(getattr(module, "get_config", None)):
+        raise UsageError(f"config file {path} defines no get_config(arg=None) function; see configs/quickstart.py")
     overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     if not overrides:
         return
-    config = config_flags.config_flags._LoadConfigModule("config", str(path)).get_config(
-        *([config_arg.split(":", 1)[1]] if ":" in config_arg else []))
+    config = module.get_config(*([config_arg.split(":", 1)[1]] if ":" in config_arg else []))
     known = set(_config_keys(config))
     for override in overrides:
         key = override[len("config."):]

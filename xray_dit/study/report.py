@@ -121,18 +121,24 @@ def write_report(context: StudyContext) -> dict:
              f"Test set: {compare['test_images']} images of {compare['test_patients']} patients, "
              f"{compare['test_positives']} positive for {target}.")
     report.h(2, "Answer")
+    mia = priv["membership_inference"]
+    mia_text = (f"membership-inference AUC {mia['auc']:.3f} (0.5 = no leakage)" if mia else
+                "membership inference not computed (no held-out images of the class)")
     report.bullets(compare["statements"] + [
         f"Privacy: {100 * priv['memorisation_rate']:.1f} % of generated images are closer to a training image than "
         f"the {config.study.privacy_percentile:g}st percentile of held-out real images are (memorisation rate, "
-        f"before filtering); membership-inference AUC "
-        f"{priv['membership_inference'].get('auc', float('nan')):.3f} (0.5 = no leakage)."])
+        f"before filtering); {mia_text}."])
     ctr = priv.get("ctr_oracle")
-    if ctr:
+    if ctr and ctr["measurable"] == 0:
+        report.p(f"Label fidelity by the phantom's CTR oracle: **none** of the {ctr['generated']} generated images "
+                 "has a measurable thorax, so none counts as an enlarged heart (target ≥ 80 %: NOT met).")
+    elif ctr:
         ok = ctr["fraction_ctr_above_0.5"] >= 0.8
         report.p(f"Label fidelity by the phantom's CTR oracle: **{100 * ctr['fraction_ctr_above_0.5']:.1f} %** of "
                  f"the {ctr['measurable']} measurable generated {target} images have CTR > 0.5 "
-                 f"(target ≥ 80 %: {'met' if ok else 'NOT met'}); mean CTR synthetic "
-                 f"{ctr['synthetic_ctr_mean']:.3f} vs real {ctr['real_minority_ctr_mean']:.3f}.")
+                 f"(target ≥ 80 %: {'met' if ok else 'NOT met'}; "
+                 f"{100 * ctr['fraction_of_all_generated_ctr_above_0.5']:.1f} % of all {ctr['generated']} generated); "
+                 f"mean CTR synthetic {ctr['synthetic_ctr_mean']:.3f} vs real {ctr['real_minority_ctr_mean']:.3f}.")
     base_auc = baseline_row["target_ensemble_auc_ci"][0]
     if config.data.name == "cxr_phantom":
         in_range = 0.70 <= base_auc <= 0.92
@@ -176,7 +182,7 @@ def write_report(context: StudyContext) -> dict:
         ["privacy threshold (1 − pixel corr., from validation → train)", priv["privacy_threshold_pixel"]],
         ["median NN distance synthetic → train", priv["synthetic_to_train_median"]],
         ["median NN distance held-out → train", priv["heldout_to_train_median"]],
-        ["membership-inference AUC", priv["membership_inference"].get("auc", float("nan"))]])
+        ["membership-inference AUC", mia.get("auc", float("nan"))]])
     report.figure(priv["figures"]["histogram"], "Nearest-training-image distances: synthetic vs held-out real")
     report.figure(priv["figures"]["closest_pairs"], "The closest synthetic / training pairs")
 
@@ -186,7 +192,7 @@ def write_report(context: StudyContext) -> dict:
                   for name, q in priv["quality"].items()])
     report.p("MS-SSIM diversity (1 − mean MS-SSIM of random pairs; higher = more diverse): " + ", ".join(
         f"{k} {v:.3f}" for k, v in priv["ms_ssim_diversity"].items()) + ".")
-    if ctr:
+    if ctr and ctr["figure"]:
         report.figure(ctr["figure"], "Cardiothoracic ratio of real and synthetic target-class images (oracle)")
 
     report.h(2, "Phases, timings and configuration")

@@ -27,15 +27,15 @@ from xray_dit.train import dit as dit_trainer
 from xray_dit.train import model_factory
 
 
-def load_dit(dit_dir: str | epath.PathLike, config: ml_collections.ConfigDict):
+def load_dit(dit_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
     info = checkpoint.load_export_info(dit_dir)
     model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
                                           attention_impl=config.attention_impl)
     size, channels = model.input_size, model.in_channels
-    abstract = sharding.unbox(jax.eval_shape(lambda: model.init(
+    abstract = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1,), jnp.int32) if model.num_classes else None)))["params"]
-    params, info = checkpoint.load_export(dit_dir, abstract, kind="dit")
+        jnp.zeros((1,), jnp.int32) if model.num_classes else None))["params"]
+    params, info = checkpoint.load_export(dit_dir, dit_trainer.restore_target(abstract, mesh, config), kind="dit")
     return model, params, info
 
 
@@ -64,8 +64,8 @@ def generate(config: ml_collections.ConfigDict, workdir: epath.Path, *, dit_dir:
                          "train_dit run")
     out = epath.Path(out_dir or s.out_dir or workdir / "samples")
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
-    model, dit_params, info = load_dit(dit_dir, config)
-    vae, vae_params, scale = dit_trainer.load_vae(info["vae_dir"], config)
+    model, dit_params, info = load_dit(dit_dir, config, mesh=mesh)
+    vae, vae_params, scale = dit_trainer.load_vae(info["vae_dir"], config, mesh=mesh)
     class_names = info.get("class_names") or []
     if class_names and s.class_name not in class_names:
         raise ValueError(f"sample.class_name {s.class_name!r} is not one the DiT was trained on: {class_names}")

@@ -1,0 +1,453 @@
+"""The trainers on tiny configs (CPU, 8 fake devices): artefacts, learning, sharding, sampling.
+
+Expensive things happen once per session: the 300-image phantom is prepared into one data dir, the tiny
+VAE is trained once and the tiny DiT once (on an FSDP mesh); the DiT, cache and sample tests reuse them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO_ROOT
+from tests.helpers import tiny_configs
+from xray_dit import checkpoint, sharding
+from xray_dit.data import phantom, pipeline
+from xray_dit.data import synthetic as synthetic_lib
+from xray_dit.diffusion import schedules
+from xray_dit.models import dit as dit_lib
+from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import vae as vae_lib
+from xray_dit.train import classifier, dit, sample, vae
+
+TINY_DIT_STEPS = 20
+FIRST_STEPS_COMPARED = 5
+
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image)
+
+
+def _train_losses(workdir, name: str) -> dict[int, float]:
+    from tests.test_foundation import read_events
+    return {e.step: v.simple_value for e in read_events(workdir / "tensorboard") for v in e.summary.value
+            if v.tag == f"{name}/train/loss"}
+
+
+def _one_device_mesh():
+    return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Session fixtures: prepared data, one trained VAE, one trained DiT
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tfds")
+    tiny_configs.prepare_phantom(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def trained_vae(tmp_path_factory, data_dir):
+    """(workdir, config, result). One device: the VAE's conv backward pass compiles several times slower
+    partitioned 8 ways on CPU; the classifier and DiT runs cover the 8-device paths of the same loop. The DiT
+    then reads an export saved from another mesh than its own, as when the VAE was trained elsewhere."""
+    workdir = tmp_path_factory.mktemp("vae")
+    config = tiny_configs.tiny_config(data_dir)
+    config.task = "train_vae"
+    result = vae.train_vae(config, workdir, mesh=_one_device_mesh())
+    return workdir, config, result
+
+
+@pytest.fixture(scope="session")
+def trained_dit(tmp_path_factory, trained_vae):
+    """(workdir, config, result) of the tiny DiT on an FSDP mesh (1, 8, 1), loss logged at every step."""
+    workdir = tmp_path_factory.mktemp("dit")
+    config = tiny_configs.tiny_config(trained_vae[1].data.data_dir)
+    config.task = "train_dit"
+    config.mesh.shape = (1, 8, 1)
+    config.dit.train.log_every = 1
+    result = dit.train_dit(config, workdir, vae_dir=str(trained_vae[0] / "export"))
+    return workdir, config, result
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-task configs
+# --------------------------------------------------------------------------------------------------
+def _keys(config, prefix=""):
+    return {prefix + k for k, v in config.items()} | {
+        key for k, v in config.items() if hasattr(v, "items") for key in _keys(v, prefix + k + ".")}
+
+
+@pytest.mark.parametrize("name, task", [("vae", "train_vae"), ("classifier", "train_classifier")])
+def test_task_configs_set_their_task_keep_the_base_keys_and_name_bad_variants(name, task):
+    import importlib
+    from configs import base
+    from xray_dit import main
+    module = importlib.import_module(f"configs.{name}")
+    for variant, dataset in ((None, "cxr_phantom"), ("phantom", "cxr_phantom"), ("nih", "nih_chestxray14")):
+        config = module.get_config(variant)
+        assert config.task == task and config.data.name == dataset
+        assert _keys(config) == _keys(base.get_config())   # overrides only, no key of their own
+    with pytest.raises(ValueError, match="phantom.*nih"):
+        module.get_config("chexpert")
+    main._check_argv(["main", f"--config={REPO_ROOT}/configs/{name}.py:nih", f"--config.{name}.train.steps=5"])
+    phantom_config = module.get_config()
+    assert phantom_config.data.image_size == 64 and phantom_config.compute_dtype == "float32"
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifier pieces on hand examples
+# --------------------------------------------------------------------------------------------------
+def test_positive_weights_are_negatives_over_positives_clipped_and_masked():
+    labels = np.zeros((60, 4), np.float32)
+    mask = np.ones((60, 4), np.float32)
+    labels[:15, 0] = 1                 # 15 positives, 45 negatives → 3
+    labels[:40, 1] = 1                 # more positives than negatives → clipped up to 1
+    labels[:1, 3] = 1                  # 1 positive, 59 negatives → capped at MAX_POS_WEIGHT
+    mask[15:45, 0] = 0                 # unknown labels count neither way: 15 positives, 15 negatives → 1
+    mask[:, 2] = 0                     # nothing known at all → 1
+    weights = classifier.positive_weights(labels, mask)
+    np.testing.assert_allclose(weights, [1.0, 1.0, 1.0, classifier.MAX_POS_WEIGHT])
+    mask[15:45, 0] = 1
+    assert classifier.positive_weights(labels, mask)[0] == pytest.approx(3.0)
+
+
+def test_bce_loss_averages_known_labels_and_weights_positives():
+    logits = jnp.array([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    labels = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    neg_log_sigmoid = lambda x: math.log1p(math.exp(-x))  # noqa: E731  -log σ(x)
+    known_terms = [neg_log_sigmoid(2.0), neg_log_sigmoid(1.0), neg_log_sigmoid(0.0), neg_log_sigmoid(2.0)]
+    assert float(classifier.bce_loss(logits, labels, mask)) == pytest.approx(sum(known_terms) / 4, rel=1e-6)
+
+    # Only the positive term of a positive label is weighted; the average is still over known labels.
+    weighted = [2.0 * neg_log_sigmoid(2.0), neg_log_sigmoid(1.0), neg_log_sigmoid(0.0), neg_log_sigmoid(2.0)]
+    pos_weight = jnp.array([2.0, 7.0, 5.0])
+    assert float(classifier.bce_loss(logits, labels, mask, pos_weight)) == pytest.approx(sum(weighted) / 4, rel=1e-6)
+
+    # Whatever an unknown label says changes nothing; an all-unknown batch gives 0, not NaN.
+    flipped = labels.at[0, 2].set(0.0).at[1, 1].set(0.0)
+    assert float(classifier.bce_loss(logits, flipped, mask)) == pytest.approx(sum(known_terms) / 4, rel=1e-6)
+    assert float(classifier.bce_loss(logits, labels, jnp.zeros_like(mask))) == 0.0
+
+
+def test_layer_decay_multipliers_by_layer():
+    params = {"cls_token": 0, "pos_embed": 0, "patch_embed": {"proj": {"kernel": 0, "bias": 0}},
+              "blocks_0": {"attn": {"qkv": {"kernel": 0}}}, "blocks_1": {"mlp": {"fc2": {"kernel": 0}}},
+              "fc_norm": {"scale": 0}, "head": {"kernel": 0, "bias": 0}}
+    got = classifier.layer_decay_multipliers(params, depth=2, decay=0.5)
+    assert got == {"cls_token": 0.125, "pos_embed": 0.125, "patch_embed": {"proj": {"kernel": 0.125, "bias": 0.125}},
+                   "blocks_0": {"attn": {"qkv": {"kernel": 0.25}}}, "blocks_1": {"mlp": {"fc2": {"kernel": 0.5}}},
+                   "fc_norm": {"scale": 1.0}, "head": {"kernel": 1.0, "bias": 1.0}}
+
+    # On the real model: one multiplier per parameter, the same tree the optimiser scales.
+    model = eva02_lib.make_eva02("tiny", img_size=16, num_classes=2, patch_size=8)
+    abstract = sharding.unbox(eva02_lib.abstract_params(model))
+    multipliers = classifier.layer_decay_multipliers(abstract, model.depth, 0.75)
+    assert jax.tree.structure(multipliers) == jax.tree.structure(abstract)
+    assert sorted(set(jax.tree.leaves(multipliers))) == [0.75 ** k for k in range(model.depth + 1, -1, -1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Each model's training loss goes down on one fixed batch (the loss functions the trainers use)
+# --------------------------------------------------------------------------------------------------
+def _fit(loss_of_params, params, *, steps: int, lr: float) -> tuple[float, float]:
+    tx = optax.adam(lr)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_of_params)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    losses = []
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    assert all(np.isfinite(losses)), losses
+    return losses[0], float(loss_of_params(params))
+
+
+def _phantom_batch(count: int, size: int) -> np.ndarray:
+    images = [phantom.render(image, size) for image in phantom.make_cohort(count, seed=3)]
+    return (np.stack(images).astype(np.float32)[..., None] / 127.5 - 1.0)
+
+
+def test_classifier_overfits_a_fixed_batch():
+    model = eva02_lib.make_eva02("tiny", img_size=32, num_classes=3, patch_size=8, drop_path_rate=0.0)
+    images = jnp.asarray(_phantom_batch(8, 32))
+    labels = jnp.asarray(np.random.default_rng(0).integers(0, 2, (8, 3)), jnp.float32)
+    mask = jnp.ones_like(labels).at[0, 0].set(0.0)
+    params = sharding.unbox(model.init(jax.random.PRNGKey(0), images[:1]))["params"]
+    key = jax.random.PRNGKey(1)
+
+    def loss(params):
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+        return classifier.bce_loss(logits, labels, mask)
+
+    first, last = _fit(loss, params, steps=40, lr=3e-3)
+    assert last < 0.1 * first, (first, last)
+
+
+def test_vae_overfits_a_fixed_batch():
+    model = vae_lib.make_vae(dict(in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=8))
+    config = tiny_configs.tiny_config()
+    loss_fn = vae.make_loss_fn(model, None, config.vae)
+    batch = {"image": jnp.asarray(_phantom_batch(4, 32))}
+    params = {"vae": sharding.unbox(model.init(jax.random.PRNGKey(0), batch["image"][:1],
+                                               sample_posterior=False))["params"]}
+    key = jax.random.PRNGKey(1)
+    first, last = _fit(lambda p: loss_fn(p, batch, key, jnp.asarray(0))[0], params, steps=40, lr=2e-3)
+    assert last < 0.3 * first, (first, last)
+
+
+def test_dit_overfits_a_fixed_batch():
+    model = dit_lib.make_dit("DiT-S/2", input_size=8, in_channels=4, num_classes=0, hidden_size=64, depth=2,
+                             num_heads=4, class_dropout_prob=0.0)
+    schedule = schedules.make_schedule("linear", 1000)
+    loss_fn = dit.make_loss_fn(model, schedule, scale=1.0)
+    rng = np.random.default_rng(0)
+    batch = {"mean": jnp.asarray(rng.normal(size=(4, 8, 8, 4)), jnp.float32),
+             "std": jnp.full((4, 8, 8, 4), 0.05, jnp.float32), "label": jnp.zeros((4,), jnp.int32)}
+    params = sharding.unbox(dit_lib.init_params(model, jax.random.PRNGKey(0)))["params"]
+    key = jax.random.PRNGKey(1)  # the same t, noise and posterior sample every step: one fixed objective
+    first, last = _fit(lambda p: loss_fn(p, batch, key, jnp.asarray(0))[0], params, steps=40, lr=1e-3)
+    assert last < 0.2 * first, (first, last)
+
+
+def test_vae_gan_term_is_off_before_gan_start_step_and_on_after():
+    model = vae_lib.make_vae(dict(in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=8))
+    disc = vae_lib.PatchDiscriminator(base_channels=32, num_layers=1, max_channel_multiplier=1)
+    cfg = tiny_configs.tiny_config().vae
+    cfg.gan_start_step = 5
+    batch = {"image": jnp.asarray(_phantom_batch(2, 32))}
+    params = {"vae": sharding.unbox(model.init(jax.random.PRNGKey(0), batch["image"][:1],
+                                               sample_posterior=False))["params"],
+              "disc": sharding.unbox(disc.init(jax.random.PRNGKey(1), batch["image"][:1]))["params"]}
+    key = jax.random.PRNGKey(2)
+    loss_and_grads = jax.jit(jax.value_and_grad(vae.make_loss_fn(model, disc, cfg), has_aux=True))
+    (before, before_terms), before_grads = loss_and_grads(params, batch, key, jnp.asarray(4))
+    (after, after_terms), after_grads = loss_and_grads(params, batch, key, jnp.asarray(5))
+    reconstruction = lambda t: t["l1"] + cfg.ssim_weight * t["ssim_loss"] + cfg.kl_weight * t["kl"]  # noqa: E731
+    assert float(before_terms["gan_weight"]) == 0.0
+    np.testing.assert_allclose(float(before), float(reconstruction(before_terms)), rtol=1e-6)
+    assert float(after_terms["gan_weight"]) > 0.0
+    np.testing.assert_allclose(float(after), float(reconstruction(after_terms) + after_terms["gan_weight"]
+                                                   * after_terms["g_loss"] + after_terms["d_loss"]), rtol=1e-6)
+    # The discriminator learns only once the GAN is on: before, its gradient is exactly zero.
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(before_grads["disc"]))
+    assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(after_grads["disc"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks end to end
+# --------------------------------------------------------------------------------------------------
+def test_classifier_end_to_end_writes_test_artefacts(data_dir, tmp_path):
+    config = tiny_configs.tiny_config(data_dir)
+    config.task = "train_classifier"
+    results = classifier.train_classifier(config, tmp_path)   # the default mesh: 8 devices, data parallel
+    names = tuple(config.data.labels)
+
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["step"] in (10, 20) and results["best_step"] == best["step"]
+    params, info = checkpoint.load_export(tmp_path / "best", kind="eva02")
+    assert info["class_names"] == list(names) and info["step"] == best["step"]
+    assert set(results["test_auc"]) == set(names)
+
+    for split in ("validation", "test"):
+        table = pipeline.metadata_table(config.data, split, data_dir=data_dir)
+        rows = classifier.read_predictions(tmp_path / f"predictions_{split}.csv")
+        assert rows["class_names"] == list(names)
+        assert sorted(rows["image_id"]) == sorted(table.image_id)   # every image once, no padding rows
+        patient_of = dict(zip(table.image_id, table.patient_id))
+        assert [patient_of[i] for i in rows["image_id"]] == list(rows["patient_id"])
+        row_of = {image_id: i for i, image_id in enumerate(table.image_id)}
+        columns = table.label_columns(names)
+        order = [row_of[i] for i in rows["image_id"]]
+        np.testing.assert_array_equal(rows["labels"], table.labels[order][:, columns])
+        assert np.all((rows["probs"] >= 0) & (rows["probs"] <= 1)) and rows["probs"].std() > 0
+
+    assert _png(tmp_path / "roc_test.png").ndim == 3
+    assert results["test_confusion"], "no class had both outcomes in validation: the fixture data changed"
+    for name, matrix in results["test_confusion"].items():
+        assert _png(tmp_path / f"confusion_{name}.png").ndim == 3
+        assert np.sum(matrix) == np.sum(classifier.read_predictions(tmp_path / "predictions_test.csv")["mask"][
+            :, names.index(name)])
+    table_md = (tmp_path / "test_auc.md").read_text()
+    assert all(name in table_md for name in names)
+
+
+def test_vae_end_to_end_writes_export_reconstructions_and_metrics(trained_vae):
+    workdir, config, result = trained_vae
+    info = checkpoint.load_export_info(workdir / "export")
+    assert info["kind"] == "vae" and info["trained_steps"] == 20
+    scale = info["scaling_factor"]
+    assert np.isfinite(scale) and scale > 0 and scale == result["scaling_factor"]
+    evaluation = json.loads((workdir / "vae_eval.json").read_text())
+    assert evaluation["scaling_factor"] == scale
+    metrics = evaluation["eval"]
+    assert 5.0 < metrics["psnr"] < 60.0 and -1.0 < metrics["ssim"] <= 1.0
+    assert {"ctr_within_0.03", "ctr_mean_abs_diff"} <= set(metrics)   # the phantom's CTR check ran
+
+    # Originals above reconstructions, 8 per row: 2 x 8 tiles of 64 px with 2 px padding.
+    grids = sorted((workdir / "reconstructions").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_0000010.png", "step_0000020.png"]
+    grid = _png(grids[-1])
+    assert grid.shape == (2 * 66 + 2, 8 * 66 + 2)
+    assert not np.array_equal(grid[2:66], grid[68:132])   # reconstructions are not copies of the input
+
+    # The scaling factor makes the training latents (posterior samples) unit-variance.
+    model, params, loaded_scale = dit.load_vae(workdir / "export", config)
+    assert loaded_scale == scale
+    images = next(iter(pipeline.make_dataset(config.data, "train", train=False, seed=0, batch_size=64,
+                                             data_dir=config.data.data_dir)))["image"]
+    mean, logvar = model.apply({"params": params}, images, method=model.encode)
+    assert float(jnp.std(mean * scale)) < 1.05   # the posterior noise adds the rest of the variance
+    assert 0.5 < float(jnp.sqrt(jnp.var(mean) + jnp.mean(jnp.exp(logvar)))) * scale < 1.5
+
+
+def test_dit_end_to_end_writes_latent_cache_grids_and_export(trained_dit, trained_vae):
+    workdir, config, result = trained_dit
+    vae_info = checkpoint.load_export_info(trained_vae[0] / "export")
+    positives = pipeline.metadata_table(config.data, "train", data_dir=config.data.data_dir).positives("Cardiomegaly")
+    cache = json.loads((workdir / "latents" / dit.CACHE_INFO).read_text())
+    assert cache["count"] == len(positives) == result["latents"] > 0   # the target class only
+    assert cache["latent_shape"] == [8, 8, 4] and cache["scaling_factor"] == vae_info["scaling_factor"]
+
+    grids = sorted((workdir / "samples").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_0000010.png", "step_0000020.png"]
+    assert _png(grids[-1]).shape == (4 * 66 + 2, 4 * 66 + 2)
+
+    model, params, info = sample.load_dit(workdir / "export", config)
+    assert info["kind"] == "dit" and info["weights"] == "ema" and info["trained_steps"] == TINY_DIT_STEPS
+    assert info["class_names"] == [] and info["target_class"] == "Cardiomegaly" and model.num_classes == 0
+    assert info["scaling_factor"] == vae_info["scaling_factor"]
+    assert info["vae_dir"] == str(trained_vae[0] / "export")
+    losses = _train_losses(workdir, "dit")
+    assert sorted(losses) == list(range(1, TINY_DIT_STEPS + 1)) and all(np.isfinite(list(losses.values())))
+
+
+def test_dit_loss_is_the_same_on_one_device_and_on_an_fsdp_mesh(trained_dit, tmp_path):
+    """The first steps of the (1, 8, 1) FSDP run, repeated on one device from the same latent cache."""
+    workdir, fsdp_config, _ = trained_dit
+    config = fsdp_config.copy_and_resolve_references()
+    config.mesh.shape = (1, 1, 1)
+    config.dit.latent_cache_dir = str(workdir / "latents")
+    # Warmup is 100 steps, so the learning rate of these first steps does not depend on the total.
+    assert config.dit.train.warmup_steps > FIRST_STEPS_COMPARED
+    config.dit.train.update(steps=FIRST_STEPS_COMPARED, eval_every=0)
+    vae_dir = checkpoint.load_export_info(workdir / "export")["vae_dir"]
+    dit.train_dit(config, tmp_path, vae_dir=vae_dir, mesh=_one_device_mesh())
+    assert not (tmp_path / "latents").exists()   # the cache was reused, so both runs saw the same latents
+    single, sharded = _train_losses(tmp_path, "dit"), _train_losses(workdir, "dit")
+    steps = list(range(1, FIRST_STEPS_COMPARED + 1))
+    assert sorted(single) == steps
+    np.testing.assert_allclose([single[s] for s in steps], [sharded[s] for s in steps], rtol=2e-5)
+    assert len({round(sharded[s], 6) for s in steps}) > 1   # the steps differ, so the comparison has teeth
+
+
+def test_latent_cache_is_reused_when_unchanged_and_rebuilt_when_the_vae_changes(trained_vae, tmp_path):
+    vae_workdir, config, _ = trained_vae
+    vae_dir = tmp_path / "vae_export"
+    params, info = checkpoint.load_export(vae_workdir / "export")
+    checkpoint.save_export(vae_dir, params, info)
+    config = config.copy_and_resolve_references()
+    config.dit.latent_cache_dir = str(tmp_path / "latents")
+    mesh = sharding.make_mesh((-1, 1, 1))
+    build = lambda: dit.build_latent_cache(config, tmp_path, str(vae_dir), mesh=mesh,  # noqa: E731
+                                           class_names=(), only_class="Cardiomegaly")
+    records = tmp_path / "latents" / dit.CACHE_FILE
+
+    cache_dir, first = build()
+    written = records.stat().st_mtime_ns
+    _, again = build()
+    assert again == first and records.stat().st_mtime_ns == written   # same inputs: not re-encoded
+
+    # The VAE retrained into the same folder (its weights change, its model.json need not).
+    checkpoint.save_export(vae_dir, jax.tree.map(lambda p: p * 1.01, params), info)
+    _, retrained = build()
+    assert records.stat().st_mtime_ns != written
+    assert retrained["fingerprint"] != first["fingerprint"]
+
+    # A different scaling factor in the export is picked up too.
+    changed = dict(info, scaling_factor=2 * info["scaling_factor"])
+    (vae_dir / checkpoint.EXPORT_INFO).write_text(json.dumps(changed))
+    _, rescaled = build()
+    assert rescaled["scaling_factor"] == pytest.approx(2 * info["scaling_factor"])
+    assert rescaled["count"] == first["count"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The sample task
+# --------------------------------------------------------------------------------------------------
+def test_sample_is_reproducible_resumable_and_readable_as_a_synthetic_source(trained_dit, tmp_path):
+    dit_workdir, config, _ = trained_dit
+    config = config.copy_and_resolve_references()
+    config.mesh.shape = (-1, 1, 1)
+    out = tmp_path / "samples"
+    result = sample.generate(config, tmp_path, dit_dir=str(dit_workdir / "export"), out_dir=str(out))
+    count = config.sample.num_images
+    assert result["num_images"] == result["generated_now"] == count
+    files = [f"Cardiomegaly_{i:06d}.png" for i in range(count)]
+    assert sorted(p.name for p in out.glob("*.png")) == files
+    original = {f: (out / f).read_bytes() for f in files}
+    pixels = np.stack([_png(out / f) for f in files])
+    assert pixels.shape == (count, 64, 64) and pixels.dtype == np.uint8
+    assert len({p.tobytes() for p in pixels}) == count   # every image from its own noise
+
+    source = synthetic_lib.SyntheticSource(out, config.data.labels)
+    assert source.files == files and len(source) == count
+    np.testing.assert_array_equal(source.labels, np.tile([1.0, 0.0, 0.0], (count, 1)))
+    with (out / synthetic_lib.MANIFEST).open() as f:
+        assert {row["seed"] for row in csv.DictReader(f)} == {str(config.seed)}
+
+    # Batches are 16 images (a multiple of the 8 devices): delete two of the second batch and rerun.
+    batch_size = 16
+    untouched = {f: (out / f).stat().st_mtime_ns for f in files[:batch_size]}
+    for f in (files[17], files[19]):
+        (out / f).unlink()
+    rerun = sample.generate(config, tmp_path, dit_dir=str(dit_workdir / "export"), out_dir=str(out))
+    assert rerun["generated_now"] == count - batch_size and rerun["num_images"] == count
+    assert {f: (out / f).read_bytes() for f in files} == original       # the same seed: the same bytes
+    assert {f: (out / f).stat().st_mtime_ns for f in files[:batch_size]} == untouched
+    assert not list(out.glob("*.partial"))
+
+    config.seed = 1
+    config.sample.num_images = 4
+    other = tmp_path / "other_seed"
+    sample.generate(config, tmp_path, dit_dir=str(dit_workdir / "export"), out_dir=str(other))
+    assert all((other / f).read_bytes() != original[f] for f in files[:4])
+
+
+def test_sample_with_guidance_from_an_unconditional_dit_is_a_clear_error(trained_dit, tmp_path):
+    dit_workdir, config, _ = trained_dit
+    config = config.copy_and_resolve_references()
+    config.sample.guidance_scale = 3.0
+    with pytest.raises(ValueError, match="unconditional.*guidance_scale=1"):
+        sample.generate(config, tmp_path, dit_dir=str(dit_workdir / "export"))
+    assert not (tmp_path / "samples").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The classifier learns an easy task
+# --------------------------------------------------------------------------------------------------
+def test_classifier_reaches_high_auc_on_an_easy_phantom(data_dir, tmp_path):
+    tiny_configs.prepare_easy_phantom(data_dir)
+    config = tiny_configs.easy_classifier_config(data_dir, steps=250)
+    results = classifier.train_classifier(config, tmp_path, mesh=_one_device_mesh())
+    assert results["test_auc"]["Cardiomegaly"] >= 0.95, results

@@ -69,10 +69,10 @@ class PhantomSpec:
     cardiomegaly_prevalence: float = 0.05
     effusion_prevalence: float = 0.12
     nodule_prevalence: float = 0.06
-    ctr_normal_mean: float = 0.46
-    ctr_enlarged_mean: float = 0.54
-    ctr_std: float = 0.04
-    label_noise: float = 0.1
+    ctr_normal_mean: float = 0.43
+    ctr_enlarged_mean: float = 0.57
+    ctr_std: float = 0.035
+    label_noise: float = 0.05
     noise_std: float = 0.025
     exposure_jitter: float = 0.12
     pose_jitter: float = 1.0

@@ -221,7 +221,9 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
     train_cfg = config.dit.train
     data = iter(latent_dataset(cache_dir, cache, batch_size=int(train_cfg.batch_size), seed=int(config.seed)))
     vae, vae_params, _ = load_vae(vae_dir, config, mesh=mesh)
-    grid_sampler = jax.jit(make_sampler(model, vae, schedule, sampler="ddim", num_steps=50, scale=scale))
+    grid_sampler = jax.jit(make_sampler(model, vae, schedule, sampler=config.sample.sampler,
+                                        num_steps=int(config.sample.num_steps), eta=float(config.sample.eta),
+                                        scale=scale))
     grid_noise = jax.random.normal(jax.random.PRNGKey(1234), (16, height, width, channels))
     grid_labels = jnp.full((16,), class_names.index(target) if class_names else 0, jnp.int32)
     from xray_dit import metric_writer

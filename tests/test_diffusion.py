@@ -12,18 +12,12 @@ import pytest
 from xray_dit.diffusion import losses, samplers, schedules
 from xray_dit.models import dit
 from xray_dit.models.weights import load_state_dict
+from tests.helpers.golden import assert_close, nhwc
 
 GOLDEN_MODEL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
                     num_classes=3, class_dropout_prob=0.1, learn_sigma=True)
 
 
-def assert_close(got, ref):
-    ref = np.asarray(ref)
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()))
-
-
-def nhwc(a):
-    return np.ascontiguousarray(np.asarray(a).transpose(0, 2, 3, 1))
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,12 @@ from safetensors.numpy import save_file
 from xray_dit import sharding
 from xray_dit.models import eva02
 from xray_dit.models.weights import WeightImportError, load_state_dict
+from tests.helpers.golden import assert_close, nhwc
 
 GOLDEN = ("eva02_tiny", "eva02_tiny_fused")
 TIMM_NAMES = {"Ti": "eva02_tiny_patch14_224", "S": "eva02_small_patch14_224", "B": "eva02_base_patch14_224"}
 WEIGHT_NAMES = {"embed", "mlp", "heads", "classes", "norm", None}
 
-
-def assert_close(got, ref):
-    ref = np.asarray(ref)
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
 
 
 def golden_model(golden_dir, name, **overrides):
@@ -62,9 +59,6 @@ def apply(model, params, x, **kwargs):
     # costs less CPU in total than one whole-model compilation per call site.
     return model.apply({"params": params}, x, **kwargs)
 
-
-def nhwc(x):
-    return np.transpose(x, (0, 2, 3, 1))
 
 
 # ---------------------------------------------------------------------------------------------- parity

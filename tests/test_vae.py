@@ -15,18 +15,12 @@ from safetensors.numpy import save_file
 from xray_dit import sharding
 from xray_dit.models import vae
 from xray_dit.models.weights import WeightImportError, load_state_dict
+from tests.helpers.golden import assert_close, nhwc
 
 TINY_GOLDEN_FIELDS = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                           latent_channels=4, norm_num_groups=32)
 
 
-def assert_close(got, ref):
-    ref = np.asarray(ref)
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()))
-
-
-def nhwc(a):
-    return np.ascontiguousarray(np.asarray(a).transpose(0, 2, 3, 1))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ favour of the one before it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -43,7 +44,16 @@ class Checkpointer:
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             # Remove leftovers of writes that were killed half-way, so they are never mistaken for data.
             cleanup_tmp_directories=True)
+        on_disk = _step_folders(self.directory)   # listed before the manager removes unfinished ones
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.interrupted_steps = sorted(on_disk - set(self.manager.all_steps()))
+        if self.interrupted_steps:
+            latest = self.manager.latest_step()
+            logging.warning(
+                "checkpoint step(s) %s in %s were still being written when an earlier run stopped; they are "
+                "incomplete and are removed. %s", self.interrupted_steps, self.directory,
+                f"Resuming from the last complete checkpoint, step {latest}." if latest is not None
+                else "No complete checkpoint exists, so the run starts from step 0.")
 
     @property
     def latest_step(self) -> int | None:
@@ -123,6 +133,14 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _step_folders(directory: epath.Path) -> set[int]:
+    """Steps with a folder on disk, finished or not: Orbax writes `<step>.orbax-checkpoint-tmp...` and renames
+    it (local disks), or writes `<step>/` and adds a commit file last (GCS)."""
+    if not directory.is_dir():
+        return set()
+    return {int(m.group(1)) for p in directory.iterdir() if (m := re.match(r"(\d+)(\.|$)", p.name)) and p.is_dir()}
 
 
 def _looks_incompatible(e: Exception) -> bool:

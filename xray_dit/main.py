@@ -119,6 +119,12 @@ def run(config, workdir: str):
     """Runs `config.task` in `workdir` (importable, so tests call it without a subprocess)."""
     if config.task not in TASKS:
         raise UsageError(f"unknown task {config.task!r}; choose one of: {', '.join(TASKS)}")
+    if config.task == "study":
+        from xray_dit.train import model_factory
+        try:
+            model_factory.check_sizes(config)
+        except ValueError as e:
+            raise UsageError(f"the config's sizes do not fit together: {e}") from e
     path = _prepare_workdir(workdir)
     if jax.process_index() == 0:
         (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=repr))

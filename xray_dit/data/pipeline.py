@@ -41,7 +41,7 @@ from PIL import Image
 from xray_dit import sharding
 from xray_dit.data import builders, splits
 from xray_dit.data.builders import common
-from xray_dit.data.synthetic import SyntheticSource
+from xray_dit.data.synthetic import MANIFEST, SyntheticSource
 
 # Entry kinds of the epoch plan: (kind, index) pairs.
 _REAL, _SYNTHETIC, _PADDING = 0, 1, 2
@@ -280,12 +280,24 @@ class _ReadAndDecode(grain.transforms.Map):
             gray = _decode_png(self._real_source[index]["image"])
             labels, mask = self._real_labels[index], self._real_mask[index]
         else:
-            gray = _decode_png(self._synthetic[index]["image"])
+            gray = self._decode_synthetic(index)
             if gray.shape != (self._size, self._size):  # generated at another resolution
                 gray = common.center_square_resize(gray, self._size)
             labels, mask = self._synthetic_labels[index], self._synthetic_mask[index]
         return {"image": gray, "labels": labels, "label_mask": mask, "index": np.int32(index),
                 "is_synthetic": np.int32(kind == _SYNTHETIC), "valid": np.int32(1)}
+
+    def _decode_synthetic(self, index: int) -> np.ndarray:
+        # Prepared records were decoded once already; a synthetic folder is whatever someone put there, and
+        # PIL's own error names neither the file nor the folder.
+        try:
+            return _decode_png(self._synthetic[index]["image"])
+        except (OSError, SyntaxError, ValueError) as e:
+            path = self._synthetic.folder / self._synthetic.files[index]
+            raise common.BadImageError(
+                f"synthetic image {path} cannot be decoded ({type(e).__name__}: {e}); regenerate it (delete it "
+                f"and rerun the task that wrote {self._synthetic.folder}) or remove its row from "
+                f"{self._synthetic.folder / MANIFEST}") from e
 
 
 def _to_unit_range(gray: np.ndarray) -> np.ndarray:

@@ -50,12 +50,15 @@ class SyntheticSource:
         absent = [name for name in self.files if not (self.folder / name).is_file()]
         if absent:
             raise FileNotFoundError(f"{len(absent)} file(s) listed in {manifest} do not exist: "
-                                    f"{absent[:_MAX_LISTED]}{' ...' if len(absent) > _MAX_LISTED else ''}")
+                                    f"{absent[:_MAX_LISTED]}{' ...' if len(absent) > _MAX_LISTED else ''}. "
+                                    "Restore them (a rerun of the sample task regenerates missing images) or "
+                                    "remove their rows from the manifest")
         named = [[n.strip() for n in row["label"].split("|") if n.strip()] for row in self.rows]
         unknown = sorted({n for names in named for n in names} - set(self.label_names))
         if unknown:
             raise ValueError(f"{manifest} uses label(s) {unknown} that the real dataset does not have; "
-                             f"its labels are {list(self.label_names)}")
+                             f"its labels are {list(self.label_names)}. Correct the manifest's label column "
+                             "(several labels as 'A|B') or mix the folder into a dataset with those labels")
         self.labels = np.stack([common.multi_hot(names, self.label_names) for names in named])
         self.label_mask = np.ones_like(self.labels) if unlisted == "negative" else self.labels.copy()
 
@@ -103,7 +106,8 @@ def write_synthetic(folder: str | os.PathLike, images: np.ndarray, labels: Seque
     files = [f"{prefix}_{i:06d}.png" for i in range(len(images))]
     for name, pixels in zip(files, images):
         (folder / name).write_bytes(common.encode_png(pixels))
-    # The manifest goes last and appears atomically: an interrupted write leaves no folder that loads.
+    # The manifest goes last and appears atomically: an interrupted write leaves no folder that loads. It
+    # replaces an earlier manifest, as when a phase killed after writing is run again (epath's rename refuses).
     manifest = folder / MANIFEST
     partial = folder / (MANIFEST + ".partial")
     with partial.open("w") as f:
@@ -111,5 +115,5 @@ def write_synthetic(folder: str | os.PathLike, images: np.ndarray, labels: Seque
         writer.writerow(["file", "label", *extra_columns])
         for i, name in enumerate(files):
             writer.writerow([name, labels[i], *(values[i] for values in extra_columns.values())])
-    partial.rename(manifest)
+    partial.replace(manifest)
     return manifest

@@ -55,8 +55,16 @@ def model_from_info(info: dict, **overrides):
     return KINDS[kind](**fields)
 
 
+def _check_classifier_patch(config: ml_collections.ConfigDict) -> None:
+    size, patch = int(config.data.image_size), int(config.classifier.patch_size)
+    if size and patch and size % patch:
+        raise ValueError(f"image size {size} is not divisible by the classifier's patch size {patch}; change "
+                         f"data.image_size (e.g. {_nearby_multiples(size, patch)}) or classifier.patch_size")
+
+
 def classifier_from_config(config: ml_collections.ConfigDict, *, num_classes: int):
     c = config.classifier
+    _check_classifier_patch(config)
     overrides = {k: v for k, v in dict(embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads).items() if v}
     return eva02_lib.make_eva02(c.model, img_size=config.data.image_size, num_classes=num_classes, in_channels=1,
                                 patch_size=c.patch_size, drop_path_rate=c.drop_path_rate,
@@ -74,19 +82,48 @@ def vae_from_config(config: ml_collections.ConfigDict):
                              dtype=dtype_from_name(config.compute_dtype), attention_impl="xla")
     if config.data.image_size % model.downsample_factor:
         raise ValueError(f"image size {config.data.image_size} is not divisible by the VAE's downsampling "
-                         f"factor {model.downsample_factor}; change data.image_size or vae.block_out_channels")
+                         f"factor {model.downsample_factor}; change data.image_size "
+                         f"(e.g. {_nearby_multiples(config.data.image_size, model.downsample_factor)}) "
+                         "or vae.block_out_channels")
     return model
+
+
+def _nearby_multiples(size: int, multiple: int) -> str:
+    below = max(multiple, size // multiple * multiple)
+    return f"{below} or {below + multiple}"
+
+
+def _check_dit_patch(config: ml_collections.ConfigDict, latent_size: int) -> None:
+    model = config.dit.model
+    patch = int(model.rsplit("/", 1)[-1]) if "/" in model else 0
+    if patch and latent_size % patch:
+        image_size = int(config.data.image_size)
+        factor = max(1, image_size // latent_size)
+        multiple = factor * patch
+        raise ValueError(f"latent size {latent_size} (image {image_size} / VAE factor {factor}) is not divisible by "
+                         f"the DiT patch size {patch} of {model}: the image size must be a multiple of {multiple}; "
+                         f"change data.image_size (e.g. {_nearby_multiples(image_size, multiple)}) or dit.model")
 
 
 def dit_from_config(config: ml_collections.ConfigDict, *, latent_size: int, latent_channels: int,
                     num_classes: int):
     d = config.dit
+    _check_dit_patch(config, latent_size)
     overrides = {k: v for k, v in dict(hidden_size=d.hidden_size, depth=d.depth, num_heads=d.num_heads).items() if v}
-    patch = int(d.model.rsplit("/", 1)[-1]) if "/" in d.model else 0
-    if patch and latent_size % patch:
-        raise ValueError(f"latent size {latent_size} (image {config.data.image_size} / VAE factor) is not divisible "
-                         f"by the DiT patch size {patch} of {d.model}; change data.image_size or dit.model")
     return dit_lib.make_dit(d.model, input_size=latent_size, in_channels=latent_channels, num_classes=num_classes,
                             learn_sigma=d.learn_sigma, class_dropout_prob=d.class_dropout_prob if num_classes else 0.0,
                             dtype=dtype_from_name(config.compute_dtype), attention_impl=config.attention_impl,
                             **overrides)
+
+
+def check_sizes(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError if `data.image_size` does not fit the classifier's patch, the VAE's factor and the DiT's
+    patch on the VAE's latents. The study builds the DiT only after the baseline and the VAE are trained, so
+    this runs before it starts: a mismatch found hours later would mean retraining everything at a new size.
+    Sizes only: the models' other checks (e.g. cuDNN needs a GPU) belong to the hosts that run them."""
+    size = int(config.data.image_size)
+    if not size:   # 0 = whatever was prepared: the trainers check it once the dataset is known
+        return
+    _check_classifier_patch(config)
+    factor = vae_from_config(config).downsample_factor
+    _check_dit_patch(config, size // factor)

@@ -4,12 +4,13 @@ Batches are sharded over all devices. Image i of batch b comes from `fold_in(PRN
 output is reproducible from the seed, independent of how the run was interrupted. Each batch's PNGs are
 written (atomically, file by file) before the manifest is rewritten to include them; a rerun skips
 batches whose files are all present, so a killed run completes with no duplicated or missing images.
+A full disk stops the run with `OutOfSpaceError` naming the folder; what was written stays usable.
 """
 
 from __future__ import annotations
 
 import csv
-import os
+import errno
 import time
 
 import jax
@@ -27,6 +28,10 @@ from xray_dit.train import dit as dit_trainer
 from xray_dit.train import model_factory
 
 
+class OutOfSpaceError(OSError):
+    """The sample folder's disk (or quota) is full: free space and rerun; finished batches are kept."""
+
+
 def load_dit(dit_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
     info = checkpoint.load_export_info(dit_dir)
     model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
@@ -39,19 +44,47 @@ def load_dit(dit_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *
     return model, params, info
 
 
-def _write_png_atomically(path: epath.Path, pixels: np.ndarray) -> None:
+def _replace_atomically(path: epath.Path, write) -> None:
+    """`write(partial)` then rename onto `path` (epath's replace: also on gs://); a failed write leaves no
+    half-written partial file behind to puzzle whoever looks at the folder."""
     partial = path.parent / (path.name + ".partial")
-    partial.write_bytes(builder_common.encode_png(pixels))
-    os.replace(partial, path)
+    try:
+        write(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
+
+
+def _write_png_atomically(path: epath.Path, pixels: np.ndarray) -> None:
+    _replace_atomically(path, lambda partial: partial.write_bytes(builder_common.encode_png(pixels)))
 
 
 def _write_manifest(out_dir: epath.Path, rows: list[dict]) -> None:
-    partial = out_dir / (synthetic_lib.MANIFEST + ".partial")
-    with partial.open("w") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, out_dir / synthetic_lib.MANIFEST)
+    def write(partial):
+        with partial.open("w") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+    _replace_atomically(out_dir / synthetic_lib.MANIFEST, write)
+
+
+def _write_batch(out: epath.Path, files: list[str], pixels: np.ndarray | None, rows: list[dict],
+                 batch: int) -> None:
+    """The batch's PNGs (if generated now), then the manifest listing them; a full disk → `OutOfSpaceError`."""
+    try:
+        if pixels is not None:
+            for f, image in zip(files, pixels):
+                _write_png_atomically(out / f, image)
+        _write_manifest(out, rows)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        done = len(rows) - len(files)
+        raise OutOfSpaceError(
+            e.errno, f"no space left to write samples in {out} ({e.strerror or e}). Free space on that disk and "
+            f"rerun the same command: the {done} images listed in {synthetic_lib.MANIFEST} are kept and "
+            f"generation resumes at batch {batch}.") from e
 
 
 def generate(config: ml_collections.ConfigDict, workdir: epath.Path, *, dit_dir: str | None = None,
@@ -91,6 +124,7 @@ def generate(config: ml_collections.ConfigDict, workdir: epath.Path, *, dit_dir:
     for b in range(num_batches):
         indices = range(b * batch_size, min((b + 1) * batch_size, num_images))
         files = [f"{s.class_name}_{i:06d}.png" for i in indices]
+        pixels = None
         if not all((out / f).exists() for f in files):
             key = jax.random.fold_in(root, b)
             noise_key, sample_key = jax.random.split(key)
@@ -98,15 +132,12 @@ def generate(config: ml_collections.ConfigDict, workdir: epath.Path, *, dit_dir:
             labels = jnp.full((batch_size,), label, jnp.int32)
             images = sharding.global_to_host(generate_batch(dit_params, vae_params, noise, labels, sample_key))
             pixels = np.clip(np.round((images[..., 0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
-            if jax.process_index() == 0:
-                for f, image in zip(files, pixels):
-                    _write_png_atomically(out / f, image)
             made += len(files)
         rows += [{"file": f, "label": s.class_name, "seed": int(config.seed), "batch": b, "sampler": s.sampler,
                   "steps": int(s.num_steps), "eta": float(s.eta), "guidance_scale": float(s.guidance_scale),
                   "dit": str(dit_dir)} for f in files]
         if jax.process_index() == 0:
-            _write_manifest(out, rows)
+            _write_batch(out, files, pixels, rows, b)
         logging.info("sample: batch %d/%d (%d images, %.1fs)", b + 1, num_batches, len(rows),
                      time.perf_counter() - start)
     seconds = time.perf_counter() - start

@@ -75,14 +75,35 @@ def to_gray_uint8(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOUR_TYPES = {2: "RGB", 4: "gray+alpha", 6: "RGBA"}   # IHDR colour type → name (0 is plain gray)
+
+
+def _refuse_deep_colour_png(data: bytes) -> None:
+    """Pillow reads a 16-bit colour PNG as 8 bits by keeping each sample's high byte, so a radiograph
+    using 12 of its 16 bits would come out almost black with 16 gray levels; no Pillow mode keeps them.
+    Refusing (the row is skipped and reported) beats training on silently crushed images."""
+    if len(data) >= 26 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24] == 16 \
+            and data[25] in _PNG_COLOUR_TYPES:
+        raise BadImageError(f"16-bit {_PNG_COLOUR_TYPES[data[25]]} PNG: Pillow can read it only as 8 bits, "
+                            "which darkens it; save it as 16-bit grayscale (or 8-bit) and prepare again")
+
+
 def decode_gray(data: bytes | str | os.PathLike) -> np.ndarray:
     """Reads an image file (path or bytes) → (H, W) uint8 gray; `BadImageError` if unreadable."""
+    if not isinstance(data, bytes):
+        try:
+            with open(data, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:   # reported as a missing file, not a bad one
+            raise
+        except OSError as e:        # no permission, a folder with an image's name, an I/O error
+            raise BadImageError(f"{type(e).__name__}: {e}") from e
+    _refuse_deep_colour_png(data)
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes now, so truncation is detected here and not later
             return to_gray_uint8(image)
-    except FileNotFoundError:
-        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"{type(e).__name__}: {e}") from e
 

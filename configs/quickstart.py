@@ -19,8 +19,9 @@ def get_config(arg=None):
     config.task = "study"
     config.data.update(name="cxr_phantom", builder_config="64", image_size=64, num_workers=0)
 
+    # Model selection on the target class's validation AUC: the study's question is about that class.
     config.classifier.update(model="tiny", patch_size=8, drop_path_rate=0.0, layer_decay=1.0,
-                             pos_weight="balanced")
+                             pos_weight="balanced", select_metric="auc/Cardiomegaly")
     config.classifier.train.update(steps=200, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05,
                                    log_every=50, eval_every=100, checkpoint_every=100)
 

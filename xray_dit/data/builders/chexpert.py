@@ -173,7 +173,7 @@ class Chexpert(common.CxrBuilder):
         return "/".join(parts[1:] if parts[0] not in ("train", "valid") else parts)
 
     def _read_csv(self, path: epath.Path) -> list[dict[str, str]]:
-        with path.open() as f:
+        with path.open(encoding="utf-8-sig") as f:  # tolerate a BOM (CSV re-saved by Excel)
             reader = csv.DictReader(f)
             missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:

@@ -58,7 +58,7 @@ def _configs() -> list[NihConfig]:
 
 def read_data_entry(path: epath.Path) -> list[dict[str, str]]:
     """Rows of `Data_Entry_2017.csv` (either header variant) as dicts of the seven leading columns."""
-    with path.open() as f:
+    with path.open(encoding="utf-8-sig") as f:  # a BOM appears when the CSV was re-saved by Excel
         reader = csv.reader(f)
         header = next(reader, [])
         if tuple(h.strip() for h in header[:len(_LEADING_COLUMNS)]) != _LEADING_COLUMNS:

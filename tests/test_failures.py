@@ -563,3 +563,15 @@ def test_the_models_from_config_refuse_the_same_sizes():
 
 if __name__ == "__main__":
     _child_main(sys.argv[1:])
+
+
+def test_label_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Spreadsheet programs re-save CSVs with a UTF-8 BOM; the header must still be recognised."""
+    from xray_dit.data.builders import nih_chestxray14
+    path = tmp_path / "Data_Entry_2017.csv"
+    path.write_text("\ufeffImage Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+                    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+                    "00000001_000.png,Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143,\n", encoding="utf-8")
+    from etils import epath
+    rows = nih_chestxray14.read_data_entry(epath.Path(path))
+    assert rows[0]["Image Index"] == "00000001_000.png" and rows[0]["Finding Labels"] == "Cardiomegaly"

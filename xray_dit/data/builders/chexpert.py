@@ -19,6 +19,7 @@ Configs: `"<size>"` (frontal views, policy "ignore"), `"<size>_ones"`, `"<size>_
 from __future__ import annotations
 
 import csv
+import io
 import dataclasses
 import re
 from typing import Mapping
@@ -173,7 +174,7 @@ class Chexpert(common.CxrBuilder):
         return "/".join(parts[1:] if parts[0] not in ("train", "valid") else parts)
 
     def _read_csv(self, path: epath.Path) -> list[dict[str, str]]:
-        with path.open(encoding="utf-8-sig") as f:  # tolerate a BOM (CSV re-saved by Excel)
+        with io.TextIOWrapper(path.open("rb"), encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:

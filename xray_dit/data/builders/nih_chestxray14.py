@@ -12,6 +12,7 @@ area + Lanczos resampling at prepare time.
 from __future__ import annotations
 
 import csv
+import io
 import dataclasses
 
 import numpy as np
@@ -58,7 +59,7 @@ def _configs() -> list[NihConfig]:
 
 def read_data_entry(path: epath.Path) -> list[dict[str, str]]:
     """Rows of `Data_Entry_2017.csv` (either header variant) as dicts of the seven leading columns."""
-    with path.open(encoding="utf-8-sig") as f:  # a BOM appears when the CSV was re-saved by Excel
+    with io.TextIOWrapper(path.open("rb"), encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, [])
         if tuple(h.strip() for h in header[:len(_LEADING_COLUMNS)]) != _LEADING_COLUMNS:

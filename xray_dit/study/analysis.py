@@ -113,8 +113,13 @@ def _statement(arm: str, row: dict, target: str) -> str:
     d, lo, hi = vs["auc_difference_ci"]
     verdict = "a statistically significant" if vs["significant"] else "no statistically significant"
     direction = ("improvement" if d > 0 else "decrease") if vs["significant"] else "difference"
+    caveat = ""
+    if not vs["significant"] and (vs["delong_p"] < ALPHA) != (lo > 0 or hi < 0):
+        caveat = (" (the two tests disagree; a difference counts only when DeLong p < α and the patient-level "
+                  "interval excludes 0, because DeLong treats the images of one patient as independent)")
     return (f"'{arm}' vs '{BASELINE}': {target} AUC difference {d:+.3f} (patient-bootstrap 95% CI "
-            f"[{lo:+.3f}, {hi:+.3f}]; DeLong p = {vs['delong_p']:.3g}) — {verdict} {direction} at α = {ALPHA}.")
+            f"[{lo:+.3f}, {hi:+.3f}]; DeLong p = {vs['delong_p']:.3g}) — {verdict} {direction} at α = {ALPHA}"
+            f"{caveat}.")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -228,6 +228,8 @@ def _limitations(config, compare) -> list[str]:
         "DeLong's test treats test images as independent; with several images per patient the patient-level "
         "bootstrap interval of the difference is the more honest one, and both are shown.",
         "Synthetic images carry only the generated label; other findings in them count as negative.",
+        "Synthetic images pass through the VAE decoder and are smoother than real images; a classifier can tell "
+        "the two apart, so part of any effect may come from this domain gap rather than from the anatomy.",
         "Privacy is judged by nearest-neighbour distances in pixel and classifier-feature space; a memorised "
         "patient could be disguised in ways these distances miss.",
     ]

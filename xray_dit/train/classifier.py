@@ -145,7 +145,11 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
             raise ValueError(f"classifier.select_metric {cfg.select_metric!r} is not one of {sorted(metrics)}")
         value = metrics[cfg.select_metric]
         best = json.loads(best_info_path.read_text()) if best_info_path.exists() else None
-        if np.isfinite(value) and (best is None or value > best["value"]):
+        if not np.isfinite(value):
+            logging.warning("classifier: %s is undefined on validation (a class without positives?); until it is "
+                            "defined, the latest parameters are kept as the best", cfg.select_metric)
+        improves = np.isfinite(value) and (best is None or not np.isfinite(best["value"]) or value > best["value"])
+        if improves or (best is None or not np.isfinite(best["value"])):
             checkpoint.save_export(best_dir, params, {"kind": "eva02", "model": model_factory.model_fields(model),
                                                       "class_names": list(class_names), "step": step})
             if jax.process_index() == 0:

@@ -3,9 +3,9 @@
 Command (from the repository root):
     python -m xray_dit.main --config=configs/classifier.py --workdir=workdir/classifier
 What it does: prepares the 3,000-image phantom at 64x64 (`cxr_phantom/64`, Cardiomegaly prevalence 5 %,
-10 % label noise) under <workdir>/tfds, and trains a tiny EVA-02 (patch 8, 64-wide, 4 blocks) on the
+5 % label noise) under <workdir>/tfds, and trains a tiny EVA-02 (patch 8, 64-wide, 4 blocks) on the
 labels Cardiomegaly, Effusion, Nodule with positive-weighted BCE for 200 steps at batch 64, validating
-every 100 steps and keeping the best mean validation AUC in <workdir>/best.
+every 100 steps and keeping the best Cardiomegaly validation AUC in <workdir>/best.
 It produces, from those best parameters on the test split: test_auc.md (per-class AUC), roc_test.png,
 confusion_<class>.png (threshold chosen on validation), predictions_{validation,test}.csv (image id,
 patient id, labels, probabilities) and results.json.
@@ -33,7 +33,7 @@ def get_config(arg=None):
     if variant == "phantom":
         config.data.update(name="cxr_phantom", builder_config="64", image_size=64, num_workers=0)
         config.classifier.update(model="tiny", patch_size=8, drop_path_rate=0.0, layer_decay=1.0,
-                                 pos_weight="balanced")
+                                 pos_weight="balanced", select_metric="auc/Cardiomegaly")
         config.classifier.train.update(steps=200, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05,
                                        log_every=50, eval_every=100, checkpoint_every=100)
     else:

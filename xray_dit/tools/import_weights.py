@@ -1,7 +1,7 @@
 """Converts a PyTorch-named state dict into a model export that configs can name as initialisation.
 
     python -m xray_dit.tools.import_weights --kind=vae --src=diffusion_pytorch_model.safetensors --out=weights/sd_vae
-    python -m xray_dit.tools.import_weights --kind=eva02 --model=S --image_size=256 --num_classes=3 \\
+    python -m xray_dit.tools.import_weights --kind=eva02 --model=S --image_size=224 --num_classes=3 \\
         --src=model.safetensors --out=weights/eva02_s
     python -m xray_dit.tools.import_weights --kind=dit --model=DiT-XL/2 --image_size=256 --num_classes=1000 \\
         --src=DiT-XL-2-256x256.safetensors --out=weights/dit_xl

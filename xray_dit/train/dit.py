@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from xray_dit import checkpoint, sharding
+from xray_dit import checkpoint, metric_writer, sharding
 from xray_dit.data import pipeline
 from xray_dit.diffusion import losses, samplers, schedules
 from xray_dit.train import common, loop, model_factory
@@ -226,7 +226,6 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
                                         scale=scale))
     grid_noise = jax.random.normal(jax.random.PRNGKey(1234), (16, height, width, channels))
     grid_labels = jnp.full((16,), class_names.index(target) if class_names else 0, jnp.int32)
-    from xray_dit import metric_writer
 
     def sample_grid(state, step):
         params = state.get("ema_params", state["params"])

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from etils import epath
 
@@ -75,7 +76,7 @@ def make_loss_fn(model: vae_lib.AutoencoderKL, disc: vae_lib.PatchDiscriminator 
             g_loss, g_grad = jax.value_and_grad(g_of)(recon)
             rec_grad = jax.grad(lambda r: reconstruction_terms(x, r)[0])(recon)
             adaptive = jax.lax.stop_gradient(jnp.clip(
-                optax_norm(rec_grad) / (optax_norm(g_grad) + 1e-4), 0.0, 1e4))
+                optax.global_norm(rec_grad) / (optax.global_norm(g_grad) + 1e-4), 0.0, 1e4))
             real_logits = disc.apply({"params": params["disc"]}, x)
             fake_logits = disc.apply({"params": params["disc"]}, jax.lax.stop_gradient(recon))
             d_loss = vae_lib.hinge_d_loss(real_logits, fake_logits)
@@ -85,10 +86,6 @@ def make_loss_fn(model: vae_lib.AutoencoderKL, disc: vae_lib.PatchDiscriminator 
         return loss, metrics
 
     return loss_fn
-
-
-def optax_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> np.ndarray:
@@ -136,6 +133,8 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
         recon, mean, _ = model.apply({"params": params["vae"]}, batch["image"], sample_posterior=False)
         return {"recon": jnp.clip(recon.astype(jnp.float32), -1.0, 1.0), "image": batch["image"]}
 
+    latest_eval: dict = {}
+
     def evaluate(state, step):
         out = common.run_over_split(reconstruct, state["params"], config, directory, "validation", mesh,
                                     batch_size=eval_bs, keys=("index",))
@@ -148,13 +147,16 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
             common.save_grid(pairs, workdir / "reconstructions" / f"step_{step:07d}.png", ncol=n)
         if config.data.name == "cxr_phantom":
             metrics.update(ctr_preservation(images, recon))
+        latest_eval.clear()
+        latest_eval.update(metrics, step=step)
         return metrics
 
     task = loop.TrainTask(name="vae", init_params=init_params, loss_fn=make_loss_fn(model, disc, cfg),
                           train=train_cfg, data=data, evaluate=evaluate, initial_params=initial)
     state = loop.train(config, workdir, task, mesh=mesh)
 
-    final = evaluate(state, int(state["step"]))
+    # The loop evaluated the final parameters already (also after a resume of a finished run).
+    final = {k: v for k, v in latest_eval.items() if k != "step"}
     scale = latent_scaling_factor(model, state["params"], config, directory, mesh, batch_size=eval_bs)
     info = {"kind": "vae", "model": model_factory.model_fields(model), "scaling_factor": scale,
             "trained_steps": int(state["step"]), "init_from": cfg.init_from, "eval": final}

@@ -198,10 +198,11 @@ class Upsample(nn.Module):
         return _constrain(x)
 
 
-class DownBlock(nn.Module):
+class ResnetStage(nn.Module):
+    """`num_layers` resnet blocks, then an optional resampler: diffusers' Down/UpEncoderBlock2D."""
     out_channels: int
     num_layers: int
-    add_downsample: bool
+    resample: str = ""          # "" | "down" | "up"
     norm_num_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -211,25 +212,9 @@ class DownBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
             x = ResnetBlock(self.out_channels, self.norm_num_groups, name=f"resnets_{j}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample(self.out_channels, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class UpBlock(nn.Module):
-    out_channels: int
-    num_layers: int
-    add_upsample: bool
-    norm_num_groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.norm_num_groups, name=f"resnets_{j}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
 
@@ -252,8 +237,8 @@ class Encoder(nn.Module):
         h = _constrain(_conv3x3(self.block_out_channels[0], name="conv_in", **kw)(x.astype(self.dtype)))
         last = len(self.block_out_channels) - 1
         for i, channels in enumerate(self.block_out_channels):
-            h = DownBlock(channels, self.layers_per_block, add_downsample=i != last,
-                          norm_num_groups=self.norm_num_groups, name=f"down_blocks_{i}", **kw)(h)
+            h = ResnetStage(channels, self.layers_per_block, resample="down" if i != last else "",
+                            norm_num_groups=self.norm_num_groups, name=f"down_blocks_{i}", **kw)(h)
         h = MidBlock(self.norm_num_groups, self.mid_attention, self.attention_impl, name="mid_block", **kw)(h)
         self.sow("intermediates", "mid_block_out", h)
         h = nn.silu(_group_norm(self.norm_num_groups, param_dtype=self.param_dtype, name="conv_norm_out")(h))
@@ -282,8 +267,8 @@ class Decoder(nn.Module):
         self.sow("intermediates", "mid_block_out", h)
         last = len(widths) - 1
         for i, channels in enumerate(widths):
-            h = UpBlock(channels, self.layers_per_block + 1, add_upsample=i != last,
-                        norm_num_groups=self.norm_num_groups, name=f"up_blocks_{i}", **kw)(h)
+            h = ResnetStage(channels, self.layers_per_block + 1, resample="up" if i != last else "",
+                            norm_num_groups=self.norm_num_groups, name=f"up_blocks_{i}", **kw)(h)
         h = nn.silu(_group_norm(self.norm_num_groups, param_dtype=self.param_dtype, name="conv_norm_out")(h))
         return _constrain(_conv3x3(self.out_channels, name="conv_out", **kw)(h.astype(self.dtype)))
 

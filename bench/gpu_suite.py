@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from xray_dit import sharding
+
 # bf16 dense peak used for MFU: measured 8192^3 bf16 matmul on the H200 (issue #7) / H100 (device notes).
 PEAK_TFLOPS = {"H200": 783.0, "H100": 790.0}
 DIT_B2_GFLOP_PER_IMAGE = 138.0   # 23 GMAC forward x 2 x 3 (issue #7), the published-convention count
@@ -87,8 +89,7 @@ def bench_dit(name: str, batch: int, latent: int, attention: str, steps: int, dt
     update = loop.make_update_fn(dit_trainer.make_loss_fn(model, schedules.make_schedule(), 0.18215), tx,
                                  train.ema_decay)
     params = jax.jit(lambda r: dit_lib.init_params(model, r))(jax.random.PRNGKey(0))
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params["params"],
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = sharding.unbox(params["params"])
     state = {"params": params, "ema_params": jax.tree.map(jnp.copy, params), "opt_state": jax.jit(tx.init)(params),
              "step": jnp.asarray(0, jnp.int32), "rng": jax.random.PRNGKey(1)}
     rng = np.random.default_rng(0)
@@ -117,10 +118,9 @@ def bench_sample(num_images: int, steps: int, latent: int, tiny: bool, attention
     model = dit_lib.make_dit("DiT-B/2" if not tiny else "DiT-S/2", input_size=latent, num_classes=1,
                              dtype=dtype, attention_impl=attention, **(TINY_DIT if tiny else {}))
     vae = vae_lib.make_vae("sd-vae-gray" if not tiny else TINY_VAE, dtype=dtype, attention_impl="xla")
-    unbox = lambda t: jax.tree.map(lambda x: getattr(x, "value", x), t, is_leaf=lambda x: hasattr(x, "value"))  # noqa: E731
-    dit_params = unbox(jax.jit(lambda r: dit_lib.init_params(model, r))(jax.random.PRNGKey(0)))["params"]
+    dit_params = sharding.unbox(jax.jit(lambda r: dit_lib.init_params(model, r))(jax.random.PRNGKey(0)))["params"]
     size = latent * vae.downsample_factor
-    vae_params = unbox(jax.jit(lambda r: vae.init(r, jnp.zeros((1, size, size, 1)), sample_posterior=False))(
+    vae_params = sharding.unbox(jax.jit(lambda r: vae.init(r, jnp.zeros((1, size, size, 1)), sample_posterior=False))(
         jax.random.PRNGKey(1)))["params"]
     sampler = dit_trainer.make_sampler(model, vae, schedules.make_schedule(), sampler="ddim", num_steps=steps,
                                        guidance_scale=4.0, scale=0.18215)
@@ -144,8 +144,7 @@ def bench_sample(num_images: int, steps: int, latent: int, tiny: bool, attention
 def bench_vae_encode(batch: int, size: int, tiny: bool, dtype) -> dict:
     from xray_dit.models import vae as vae_lib
     vae = vae_lib.make_vae("sd-vae-gray" if not tiny else TINY_VAE, dtype=dtype, attention_impl="xla")
-    unbox = lambda t: jax.tree.map(lambda x: getattr(x, "value", x), t, is_leaf=lambda x: hasattr(x, "value"))  # noqa: E731
-    params = unbox(jax.jit(lambda r: vae.init(r, jnp.zeros((1, size, size, 1)), sample_posterior=False))(
+    params = sharding.unbox(jax.jit(lambda r: vae.init(r, jnp.zeros((1, size, size, 1)), sample_posterior=False))(
         jax.random.PRNGKey(0)))["params"]
     x = jax.random.uniform(jax.random.PRNGKey(1), (batch, size, size, 1), minval=-1, maxval=1)
     _, seconds, _ = _time(lambda p, x: vae.apply({"params": p}, x, method=vae.encode), params, x, steps=5)
@@ -160,8 +159,7 @@ def bench_eva(size: int, batch: int, steps: int, tiny: bool, attention: str, dty
     model = eva02_lib.make_eva02("S" if not tiny else "tiny", img_size=size, num_classes=14, in_channels=1,
                                  patch_size=14 if not tiny else 8, dtype=dtype, attention_impl=attention,
                                  drop_path_rate=0.1)
-    unbox = lambda t: jax.tree.map(lambda x: getattr(x, "value", x), t, is_leaf=lambda x: hasattr(x, "value"))  # noqa: E731
-    params = unbox(jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 1))))(jax.random.PRNGKey(0)))["params"]
+    params = sharding.unbox(jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 1))))(jax.random.PRNGKey(0)))["params"]
     train = base.get_config().classifier.train
 
     def loss_fn(p, b, rng, step):

@@ -72,6 +72,19 @@ def test_bad_command_lines_give_one_clear_message(args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_compilation_cache_is_switched_on_where_configured(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        main._use_compilation_cache("")
+        assert jax.config.jax_compilation_cache_dir == before
+        main._use_compilation_cache(str(tmp_path / "cache"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+        with pytest.raises(main.UsageError, match="compilation_cache_dir"):
+            main._use_compilation_cache("/proc/forbidden/cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_run_reports_unimplemented_task_without_crashing(tmp_path, monkeypatch, capsys):
     from configs import quickstart
     monkeypatch.setitem(main.TASKS, "study", ("xray_dit.study.not_written_yet", "run", "issue #6"))

@@ -117,3 +117,20 @@ def test_optimizer_applies_lr_multipliers_and_skips_decay_on_vectors():
     np.testing.assert_allclose(updates["w"], -0.5 * 0.1 * np.ones((2, 2)))   # decay, scaled by 0.5
     np.testing.assert_allclose(updates["b"], np.zeros(2))                     # no decay on a bias
     assert optax.global_norm(updates) > 0
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_prefetched_device_batches_checkpoint_the_consumed_position(prefetch):
+    # The prefetch thread runs ahead; the saved state must still be "after the last batch the loop took".
+    mesh = sharding.make_mesh((-1, 1, 1))
+    batches = loop._device_batches(toy_task.toy_data(batch_size=8), mesh, prefetch)
+    taken = [next(batches) for _ in range(2)]
+    assert isinstance(taken[0]["x"], jax.Array) and taken[0]["x"].sharding.spec[0] is not None
+    time.sleep(0.2)  # let the prefetch thread fill its buffer
+    state = batches.get_state()
+    expected = np.asarray(next(batches)["x"])
+    batches.close()
+    resumed = loop._device_batches(toy_task.toy_data(batch_size=8), mesh, prefetch)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(np.asarray(next(resumed)["x"]), expected)
+    resumed.close()

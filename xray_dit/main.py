@@ -115,10 +115,23 @@ def run_check(config, workdir: epath.Path) -> dict:
     return result
 
 
+def _use_compilation_cache(directory: str) -> None:
+    if not directory:
+        return
+    path = os.path.expanduser(directory)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the compilation cache folder {path} ({e}); point "
+                         "--config.compilation_cache_dir elsewhere, or set it to '' to turn the cache off") from e
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 def run(config, workdir: str):
     """Runs `config.task` in `workdir` (importable, so tests call it without a subprocess)."""
     if config.task not in TASKS:
         raise UsageError(f"unknown task {config.task!r}; choose one of: {', '.join(TASKS)}")
+    _use_compilation_cache(config.compilation_cache_dir)
     if config.task == "study":
         from xray_dit.train import model_factory
         try:

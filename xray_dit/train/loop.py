@@ -10,12 +10,14 @@ state, so a run killed at any step and restarted with the same command continues
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -153,12 +155,48 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _fetch_batch(data: Iterator[Batch], mesh) -> dict:
+class _GlobalBatches:
+    """The task's host batches as global (sharded) device arrays, checkpointable like the iterator it
+    wraps, so Grain's thread prefetch can run it ahead of the accelerator."""
+
+    def __init__(self, data: Iterator[Batch], mesh):
+        self._data, self._mesh = data, mesh
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return sharding.host_to_global(dict(next(self._data)), self._mesh)
+
+    def get_state(self):
+        return self._data.get_state()
+
+    def set_state(self, state) -> None:
+        self._data.set_state(state)
+
+    def close(self) -> None:
+        if hasattr(self._data, "close"):
+            self._data.close()
+
+
+def _device_batches(data: Iterator[Batch], mesh, prefetch: int):
+    """Global batches, `prefetch` of them decoded and on the device ahead of the step that needs them.
+
+    Grain's ThreadPrefetchDatasetIterator keeps with every buffered batch the iterator state right after
+    it, so a checkpoint records the position of the last batch *consumed*, not of the last one
+    prefetched, and resuming stays exact.
+    """
+    batches = _GlobalBatches(data, mesh)
+    if prefetch <= 0:
+        return batches
+    return grain.experimental.ThreadPrefetchDatasetIterator(batches, prefetch)
+
+
+def _fetch_batch(data: Iterator[dict]) -> dict:
     try:
-        batch = next(data)
+        return next(data)
     except StopIteration as e:
         raise RuntimeError("the training data iterator ran out; make it repeat (num_epochs=None)") from e
-    return sharding.host_to_global(dict(batch), mesh)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task: TrainTask,
@@ -195,7 +233,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
         # ---- Checkpoint: resume if this workdir has one -----------------------------------------
         checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every_steps=train_cfg.checkpoint_every,
                                              keep=train_cfg.checkpoint_keep)
-        restored = checkpointer.restore(state, data_iterator=task.data)
+        data = _device_batches(task.data, mesh, int(train_cfg.prefetch_batches))
+        restored = checkpointer.restore(state, data_iterator=data)
         if restored is not None:
             state, first_step = restored
             logging.info("[%s] resumed from step %d in %s", task.name, first_step, checkpointer.directory)
@@ -217,9 +256,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
         pending: list[tuple[int, dict]] = []   # metrics stay on device until the next report
         schedule = learning_rate_schedule(train_cfg)
         step = first_step
-        with _Preemption() as preemption:
+        with _Preemption() as preemption, contextlib.closing(data):
             while step < total_steps:
-                batch = _fetch_batch(task.data, mesh)
+                batch = _fetch_batch(data)
                 state, metrics = update_step(state, batch)
                 step += 1
                 pending.append((step, metrics))
@@ -238,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
                         and step < total_steps:
                     _evaluate(task, state, step, writer)
                 if checkpointer.should_save(step) or preempted:
-                    checkpointer.save(step, state, data_iterator=task.data, config=config, force=preempted)
+                    checkpointer.save(step, state, data_iterator=data, config=config, force=preempted)
                 if preempted:
                     checkpointer.close()
                     writer.close()
@@ -247,8 +286,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
                     raise SystemExit(0)
             if pending:
                 _stop_if_not_finite(jax.device_get(pending), checkpointer, task.name)
-        checkpointer.save(step, state, data_iterator=task.data, config=config, force=True)
-        checkpointer.close()
+            checkpointer.save(step, state, data_iterator=data, config=config, force=True)
+            checkpointer.close()
         if task.evaluate is not None:
             _evaluate(task, state, step, writer)
         writer.close()

@@ -94,6 +94,7 @@ def get_config(arg=None):
         model="DiT-B/2",               # DiT-{S,B,L,XL}/{2,4,8}
         hidden_size=0, depth=0, num_heads=0,  # 0 = the named size's
         learn_sigma=True,
+        remat_policy="none",           # "none" | "dots" | "full": recompute activations to save memory
         class_conditional=False,       # False: unconditional on the target class only
         class_dropout_prob=0.1,        # label dropout for classifier-free guidance
         noise_schedule="linear",

@@ -271,6 +271,43 @@ def test_bfloat16_compute_stays_close_to_float32(golden, golden_variables):
     assert np.abs(out2 - ref).max() < 0.03 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("policy", ["dots", "full"])
+def test_remat_keeps_parameters_and_gradients_but_recomputes(policy, unsharded_loss_and_grads):
+    (x, t, y), _, (ref_loss, ref_grads) = unsharded_loss_and_grads
+    remat_model = dit.DiT(**TINY, remat_policy=policy)
+    values = randomized(dit.abstract_params(SHARDING_MODEL), seed=2)
+    assert jax.tree.structure(dit.abstract_params(remat_model)) == jax.tree.structure(
+        dit.abstract_params(SHARDING_MODEL))   # same checkpoint layout
+
+    def loss(variables):
+        out = remat_model.apply(variables, x, t, y)
+        return jnp.mean(jnp.square(out - 0.5 * jnp.concatenate([x, x], axis=-1)))
+    assert "remat" in str(jax.make_jaxpr(jax.grad(loss))(values))   # the backward really rematerialises
+    with jax.default_matmul_precision("highest"):
+        got_loss, got_grads = jax.jit(jax.value_and_grad(loss))(values)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7), got_grads, ref_grads)
+    with pytest.raises(ValueError, match="remat_policy"):
+        dit.DiT(**TINY, remat_policy="some").validate()
+
+
+def test_modulated_layer_norm_is_adaln_rounded_once():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (2, 5, 16)).astype(np.float32)
+    shift, scale = rng.normal(size=(2, 16)).astype(np.float32), rng.normal(size=(2, 16)).astype(np.float32)
+    normalized = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    want = normalized * (1 + scale[:, None]) + shift[:, None]
+    np.testing.assert_allclose(layers.modulated_layer_norm(x, shift, scale), want, rtol=1e-5, atol=1e-5)
+    got_bf16 = layers.modulated_layer_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(shift, jnp.bfloat16),
+                                           jnp.asarray(scale, jnp.bfloat16))
+    assert got_bf16.dtype == jnp.bfloat16
+    # One rounding at the end: within half a bf16 ulp of the float32 result computed from the bf16 inputs.
+    xb, sb, cb = (np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32) for v in (x, shift, scale))
+    nb = (xb - xb.mean(-1, keepdims=True)) / np.sqrt(xb.var(-1, keepdims=True) + 1e-6)
+    exact = nb * (1 + cb[:, None]) + sb[:, None]
+    assert np.all(np.abs(np.asarray(got_bf16, np.float32) - exact) <= np.abs(exact) * 2.0 ** -8 + 1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharding: FSDP and tensor parallelism give the unsharded numbers.
 

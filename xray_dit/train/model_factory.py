@@ -113,7 +113,7 @@ def dit_from_config(config: ml_collections.ConfigDict, *, latent_size: int, late
     return dit_lib.make_dit(d.model, input_size=latent_size, in_channels=latent_channels, num_classes=num_classes,
                             learn_sigma=d.learn_sigma, class_dropout_prob=d.class_dropout_prob if num_classes else 0.0,
                             dtype=dtype_from_name(config.compute_dtype), attention_impl=config.attention_impl,
-                            **overrides)
+                            remat_policy=d.remat_policy, **overrides)
 
 
 def check_sizes(config: ml_collections.ConfigDict) -> None:

@@ -32,9 +32,9 @@ _PHANTOM_PREPARE = flags.DEFINE_bool("phantom_prepare", False, "also time prepar
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 NIH_SAMPLE = ROOT.parent / "shared" / "data" / "nih_sample"
-SIZES = (64, 128, 256)
+SIZES = (64, 128, 224, 256)
 # Without the NIH sample: phantom counts that render in reasonable time (256 px takes ~0.15 s each).
-PHANTOM_IMAGES = {64: 3000, 128: 1000, 256: 300}
+PHANTOM_IMAGES = {64: 3000, 128: 1000, 224: 300, 256: 300}
 
 
 def _prepare(size: int) -> tuple[dict, str]:
@@ -47,18 +47,20 @@ def _prepare(size: int) -> tuple[dict, str]:
     return {"name": "cxr_phantom", "builder_config": config.name, "data_dir": str(data_dir)}, "phantom"
 
 
-def _images_per_second(config: dict) -> float:
-    iterator = iter(pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=_BATCH.value,
-                                          num_workers=_WORKERS.value))
+def images_per_second(size: int, *, workers: int, batch_size: int, seconds: float) -> tuple[float, str]:
+    """Training-pipeline images/s at `size` px, and which data it read."""
+    config, source = _prepare(size)
+    iterator = iter(pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=batch_size,
+                                          num_workers=workers))
     for _ in range(5):  # warm-up: thread pools, worker start, first reads
         next(iterator)
     start, images = time.perf_counter(), 0
-    while time.perf_counter() - start < _SECONDS.value:
+    while time.perf_counter() - start < seconds:
         images += len(next(iterator)["image"])
     rate = images / (time.perf_counter() - start)
     if hasattr(iterator, "close"):
         iterator.close()
-    return rate
+    return rate, source
 
 
 def _phantom_prepare_seconds() -> tuple[float, float]:
@@ -93,8 +95,8 @@ def main(argv):
     machine = _machine()
     rows = []
     for size in SIZES:
-        config, source = _prepare(size)
-        rate = _images_per_second(config)
+        rate, source = images_per_second(size, workers=_WORKERS.value, batch_size=_BATCH.value,
+                                         seconds=_SECONDS.value)
         rows.append(f"| {size} | {source} | {_BATCH.value} | {_WORKERS.value} | {rate:,.0f} |")
         print(rows[-1], flush=True)
     lines = [

@@ -1,15 +1,21 @@
-"""The whole accelerator benchmark in one go (fits well inside 10 minutes on one H100/H200).
+"""The whole accelerator benchmark in one go (about 8 minutes on one H100/H200; `--budget_s` stops it in time).
 
-    python -m bench.gpu_suite --out=bench/out/gpu.json [--only=dit,sample,vae,eva] [--tiny]
+    python -m bench.gpu_suite --out=bench/out/gpu.json [--only=dit,profile,loop,eva,pipeline,sample,vae] [--tiny]
+    python -m bench.gpu_suite --render=bench/out/gpu.json     # append its tables to bench/RESULTS.md
 
 Measures, each with the project's real code paths (models, diffusion, loop.make_update_fn, optimiser, EMA):
-  dit     training images/s, MFU, peak memory and compile time for DiT-S/B/L/XL at batch 256 on 32x32x4
-  sample  500 images: DDIM 50 steps with CFG + VAE decode to 256 px; time per network evaluation of a
-          1,000-row batch (DiT-B/2)
-  vae     SD-size VAE encode images/s at 256 px (the latent cache's speed)
-  eva     EVA-02-S training images/s at 224 and 256 px
-`--tiny` shrinks everything so the script itself can be checked on a CPU. Results go to JSON; `bench.report`
-turns them into the RESULTS.md table.
+  dit      training images/s, MFU, memory and compile time for DiT-B/2 (cuDNN; also with remat "dots" and at
+           batch 512), DiT-L/2, DiT-XL/2 (remat "dots" if it does not fit), DiT-S/2; XLA's FLOP and byte
+           counts of the compiled step give its compute- and bandwidth-bound times
+  profile  a trace of 5 DiT-B/2 steps, summarised by kernel category and idle time (bench.profile_summary)
+  loop     the real `loop.train` (array_record latents → Grain → device prefetch → step → metrics) against
+           the bare step: what the host side costs per step
+  eva      EVA-02-S training images/s at 224 and 256 px
+  pipeline the classifier's Grain input pipeline at 224 and 256 px with a worker per core (is it the bottleneck?)
+  sample   500 images: DDIM 50 steps with CFG + VAE decode to 256 px; one network evaluation of 1,000 rows
+  vae      SD-size VAE encode images/s at 256 px (the latent cache's speed)
+Parts run in the order given by --only, most important first, so that a budget cut loses the least.
+`--tiny` shrinks everything so the script itself can be checked on a CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from xray_dit import sharding
 
 # bf16 dense peak used for MFU: measured 8192^3 bf16 matmul on the H200 (issue #7) / H100 (device notes).
 PEAK_TFLOPS = {"H200": 783.0, "H100": 790.0}
-DIT_B2_GFLOP_PER_IMAGE = 138.0   # 23 GMAC forward x 2 x 3 (issue #7), the published-convention count
+# HBM bandwidth from NVIDIA's data sheets (H100 SXM5 80 GB HBM3, H200 141 GB HBM3e), TB/s.
+PEAK_TBPS = {"H200": 4.8, "H100": 3.35}
 TINY_VAE = dict(in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1)
 TINY_DIT = dict(hidden_size=64, depth=2, num_heads=4)
 
@@ -40,12 +47,16 @@ def _device_name() -> str:
     return getattr(d, "device_kind", d.platform)
 
 
-def _peak() -> float:
+def _card_value(table: dict[str, float]) -> float:
     kind = _device_name()
-    for key, value in PEAK_TFLOPS.items():
+    for key, value in table.items():
         if key in kind:
             return value
     return float("nan")
+
+
+def _peak() -> float:
+    return _card_value(PEAK_TFLOPS)
 
 
 def _peak_memory_gib() -> float:
@@ -53,60 +64,109 @@ def _peak_memory_gib() -> float:
     return stats.get("peak_bytes_in_use", float("nan")) / 2**30
 
 
-def _time(fn, *args, steps: int, donate_first: bool = False):
-    """Compile time, then seconds per call over `steps` calls (the first result fed back if donating)."""
+def dit_train_gflop_per_image(model) -> float:
+    """Matmul FLOPs of one training image (forward ×3 for the backward), the convention of issue #7:
+    per block, tokens × 12·D² MACs (qkv, proj, 4× MLP) + 2·tokens²·D (scores, weighted sum) + 6·D² (adaLN);
+    plus the patch embedding and final layer. DiT-B/2 on 32×32 latents: 23.0 GMAC → 138 GFLOP."""
+    tokens, width = model.grid_size ** 2, model.hidden_size
+    patch_in = model.patch_size ** 2 * model.in_channels
+    block = tokens * 12 * width ** 2 + 2 * tokens ** 2 * width + 6 * width ** 2
+    edges = tokens * patch_in * width + tokens * width * model.patch_size ** 2 * model.out_channels + 2 * width ** 2
+    return 2 * 3 * (model.depth * block + edges) / 1e9
+
+
+def _costs(compiled) -> dict:
+    """XLA's own counts for the compiled program: FLOPs, bytes accessed, and its memory plan (GiB)."""
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    out = {"flops": float(cost.get("flops", float("nan"))), "bytes": float(cost.get("bytes accessed", float("nan")))}
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        out["plan_gib"] = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+                           - memory.alias_size_in_bytes) / 2**30
+    return out
+
+
+def _time(fn, *args, steps: int, donate_first: bool = False, profile_dir: str = ""):
+    """Compile time, seconds per call over `steps` calls (the first result fed back if donating), XLA's costs.
+
+    With `profile_dir`, 5 more calls run under the profiler after the timed ones.
+    """
     start = time.perf_counter()
     compiled = jax.jit(fn, donate_argnums=(0,) if donate_first else ()).lower(*args).compile()
     compile_s = time.perf_counter() - start
-    flops = (compiled.cost_analysis() or {}).get("flops", float("nan")) if hasattr(compiled, "cost_analysis") else float("nan")
-    if isinstance(flops, list):
-        flops = flops[0].get("flops", float("nan"))
-    state = args[0]
-    out = None
-    for i in range(steps + 2):  # two warm-up calls
-        if i == 2:
-            jax.block_until_ready(out)
-            start = time.perf_counter()
+    costs = _costs(compiled)
+    state, out = args[0], None
+
+    def call():
+        nonlocal state, out
         out = compiled(state, *args[1:])
         if donate_first:
             state = out[0]
+    for _ in range(2):  # warm-up
+        call()
     jax.block_until_ready(out)
-    return compile_s, (time.perf_counter() - start) / steps, flops
+    start = time.perf_counter()
+    for _ in range(steps):
+        call()
+    jax.block_until_ready(out)
+    seconds = (time.perf_counter() - start) / steps
+    if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(PROFILE_STEPS):
+                call()
+            jax.block_until_ready(out)
+    return compile_s, seconds, costs
+
+
+PROFILE_STEPS = 5
 
 
 # --------------------------------------------------------------------------------------------------
-def bench_dit(name: str, batch: int, latent: int, attention: str, steps: int, dtype, tiny: bool = False) -> dict:
+def _dit_update(model):
     from configs import base
     from xray_dit.diffusion import schedules
-    from xray_dit.models import dit as dit_lib
     from xray_dit.train import dit as dit_trainer
     from xray_dit.train import loop
-
-    model = dit_lib.make_dit(name, input_size=latent, in_channels=4, num_classes=0, learn_sigma=True,
-                             dtype=dtype, attention_impl=attention, **(TINY_DIT if tiny else {}))
     train = base.get_config().dit.train
     tx = loop.make_optimizer(train)
-    update = loop.make_update_fn(dit_trainer.make_loss_fn(model, schedules.make_schedule(), 0.18215), tx,
-                                 train.ema_decay)
-    params = jax.jit(lambda r: dit_lib.init_params(model, r))(jax.random.PRNGKey(0))
-    params = sharding.unbox(params["params"])
+    loss_fn = dit_trainer.make_loss_fn(model, schedules.make_schedule(), 0.18215)
+    return loss_fn, tx, loop.make_update_fn(loss_fn, tx, train.ema_decay)
+
+
+def _dit_model(name: str, latent: int, attention: str, remat: str, dtype, tiny: bool):
+    from xray_dit.models import dit as dit_lib
+    return dit_lib.make_dit(name, input_size=latent, in_channels=4, num_classes=0, learn_sigma=True, dtype=dtype,
+                            attention_impl=attention, remat_policy=remat, **(TINY_DIT if tiny else {}))
+
+
+def bench_dit(name: str, batch: int, latent: int, attention: str, remat: str, steps: int, dtype,
+              tiny: bool = False, profile_dir: str = "") -> dict:
+    from xray_dit.models import dit as dit_lib
+
+    model = _dit_model(name, latent, attention, remat, dtype, tiny)
+    _, tx, update = _dit_update(model)
+    params = sharding.unbox(jax.jit(lambda r: dit_lib.init_params(model, r))(jax.random.PRNGKey(0))["params"])
     state = {"params": params, "ema_params": jax.tree.map(jnp.copy, params), "opt_state": jax.jit(tx.init)(params),
              "step": jnp.asarray(0, jnp.int32), "rng": jax.random.PRNGKey(1)}
     rng = np.random.default_rng(0)
     shape = (batch, latent, latent, 4)
     batch_data = {"mean": jnp.asarray(rng.normal(size=shape), jnp.float32),
                   "std": jnp.asarray(np.full(shape, 0.1), jnp.float32), "label": jnp.zeros((batch,), jnp.int32)}
-    compile_s, step_s, flops = _time(update, state, batch_data, steps=steps, donate_first=True)
+    compile_s, step_s, costs = _time(update, state, batch_data, steps=steps, donate_first=True,
+                                     profile_dir=profile_dir)
     images_per_s = batch / step_s
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    mfu = flops / step_s / 1e12 / _peak() if np.isfinite(flops) else float("nan")
-    out = {"model": name, "attention": attention, "batch": batch, "latent": latent, "params_M": n_params / 1e6,
-           "images_per_s": images_per_s, "step_ms": 1e3 * step_s, "compile_s": compile_s,
-           "xla_gflop_per_image": flops / batch / 1e9, "mfu_xla_flops": mfu,
-           "peak_memory_gib": _peak_memory_gib()}
-    if name == "DiT-B/2" and latent == 32:
-        out["mfu_138gflop"] = images_per_s * DIT_B2_GFLOP_PER_IMAGE / 1e3 / _peak()
-    return out
+    gflop = dit_train_gflop_per_image(model)
+    return {"model": name, "attention": attention, "remat": remat, "batch": batch, "latent": latent,
+            "params_M": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+            "images_per_s": images_per_s, "step_ms": 1e3 * step_s, "compile_s": compile_s,
+            "gflop_per_image": gflop, "mfu": images_per_s * gflop / 1e3 / _peak(),
+            "xla_gflop_per_image": costs["flops"] / batch / 1e9,
+            # The two floors a step cannot beat: its FLOPs at the peak rate, its bytes at the HBM bandwidth.
+            "compute_bound_ms": costs["flops"] / _peak() / 1e9, "xla_gbytes": costs["bytes"] / 1e9,
+            "bandwidth_bound_ms": costs["bytes"] / _card_value(PEAK_TBPS) / 1e9,
+            "plan_gib": costs.get("plan_gib", float("nan")), "peak_memory_gib": _peak_memory_gib()}
 
 
 def bench_sample(num_images: int, steps: int, latent: int, tiny: bool, attention: str, dtype) -> dict:
@@ -172,85 +232,261 @@ def bench_eva(size: int, batch: int, steps: int, tiny: bool, attention: str, dty
              "rng": jax.random.PRNGKey(1)}
     data = {"image": jax.random.uniform(jax.random.PRNGKey(2), (batch, size, size, 1), minval=-1, maxval=1),
             "labels": jnp.zeros((batch, 14)), "label_mask": jnp.ones((batch, 14))}
-    compile_s, step_s, flops = _time(update, state, data, steps=steps, donate_first=True)
+    compile_s, step_s, costs = _time(update, state, data, steps=steps, donate_first=True)
     return {"model": "EVA-02-S/14" if not tiny else "EVA-02-tiny", "px": size, "batch": batch,
-            "images_per_s": batch / step_s, "compile_s": compile_s, "xla_gflop_per_image": flops / batch / 1e9,
-            "mfu_xla_flops": flops / step_s / 1e12 / _peak() if np.isfinite(flops) else float("nan"),
-            "peak_memory_gib": _peak_memory_gib()}
+            "images_per_s": batch / step_s, "step_ms": 1e3 * step_s, "compile_s": compile_s,
+            "xla_gflop_per_image": costs["flops"] / batch / 1e9,
+            "mfu_xla_flops": costs["flops"] / step_s / 1e12 / _peak(),
+            "plan_gib": costs.get("plan_gib", float("nan")), "peak_memory_gib": _peak_memory_gib()}
+
+
+def bench_loop(name: str, batch: int, latent: int, attention: str, dtype, tiny: bool, workdir: str) -> dict:
+    """Seconds per step of the real `loop.train` (Grain over an array_record latent cache, device prefetch,
+    metrics fetched every 50 steps, the preemption and checkpoint checks) against the bare compiled step.
+
+    The task's `evaluate` hook, called every 10 steps, only reads the clock: the loop's rate between steps
+    10 and 60 is free of compilation and start-up, and includes one metrics fetch, as training does.
+    """
+    import pathlib
+    import shutil
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from configs import base
+    from xray_dit.models import dit as dit_lib
+    from xray_dit.train import dit as dit_trainer
+    from xray_dit.train import loop
+
+    root = pathlib.Path(workdir)
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "latents").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    shape = (latent, latent, 4)
+    writer = ArrayRecordWriter(str(root / "latents" / dit_trainer.CACHE_FILE), "group_size:1")
+    for _ in range(8 * batch):
+        writer.write(dit_trainer.latent_record(0, rng.normal(size=shape), np.full(shape, 0.1)))
+    writer.close()
+    model = _dit_model(name, latent, attention, "none", dtype, tiny)
+    loss_fn, _, _ = _dit_update(model)
+    config = base.get_config()
+    train = config.dit.train
+    first, last = 10, 60
+    train.update(steps=last + 10, batch_size=batch, log_every=50, eval_every=first, checkpoint_every=0)
+    clock = {}
+
+    def read_clock(state, step):
+        del state
+        clock[step] = time.perf_counter()
+        return {}
+    data = iter(dit_trainer.latent_dataset(root / "latents", {"latent_shape": list(shape)}, batch_size=batch, seed=0))
+    task = loop.TrainTask(name="dit", init_params=lambda r: dit_lib.init_params(model, r)["params"],
+                          loss_fn=loss_fn, train=train, data=data, evaluate=read_clock)
+    loop.train(config, root / "run", task)
+    loop_step_s = (clock[last] - clock[first]) / (last - first)
+    bare = bench_dit(name, batch, latent, attention, "none", steps=20 if not tiny else 5, dtype=dtype, tiny=tiny)
+    return {"model": name, "batch": batch, "loop_step_ms": 1e3 * loop_step_s, "bare_step_ms": bare["step_ms"],
+            "loop_images_per_s": batch / loop_step_s, "overhead": loop_step_s * 1e3 / bare["step_ms"] - 1}
 
 
 # --------------------------------------------------------------------------------------------------
+# The DiT rows: (model, attention, remat, batch); attention "auto" = cuDNN on GPUs, XLA elsewhere.
+DIT_ROWS = (("DiT-B/2", "auto", "none", 256), ("DiT-L/2", "auto", "none", 256), ("DiT-XL/2", "auto", "none", 256),
+            ("DiT-S/2", "auto", "none", 256), ("DiT-B/2", "auto", "dots", 256), ("DiT-B/2", "auto", "none", 512))
+
+
+def _run_dit_row(spec: str, tiny: bool, profile_dir: str = "") -> dict | str:
+    """One DiT row in its own process (peak memory and compile caches do not leak between rows, and an
+    out-of-memory row cannot take the suite down): the result, or the error text."""
+    cmd = [sys.executable, "-m", "bench.gpu_suite", "--single", spec] + (["--tiny"] if tiny else [])
+    if profile_dir:
+        cmd.append(f"--profile_dir={profile_dir}")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "timed out after 300 s"
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(line[0][7:]) if line else proc.stderr[-1500:]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/out/gpu.json")
-    parser.add_argument("--only", default="dit,sample,vae,eva")
+    parser.add_argument("--only", default="dit,profile,loop,eva,pipeline,sample,vae")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--budget_s", type=float, default=480.0, help="skip what would start after this")
-    parser.add_argument("--dit_models", default="DiT-B/2,DiT-S/2,DiT-L/2,DiT-XL/2")
-    parser.add_argument("--single", default="", help=argparse.SUPPRESS)  # one DiT run, JSON to stdout
+    parser.add_argument("--budget_s", type=float, default=540.0, help="start nothing new after this many seconds")
+    parser.add_argument("--dit_rows", default="", help="model:attention:remat:batch,... instead of DIT_ROWS")
+    parser.add_argument("--render", default="", help="append the tables of this results JSON to bench/RESULTS.md")
+    parser.add_argument("--single", default="", help=argparse.SUPPRESS)  # one DiT row, JSON to stdout
+    parser.add_argument("--profile_dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            results = json.load(f)
+        with open(RESULTS_MD, "a") as f:
+            f.write("\n" + render_markdown(results))
+        print(render_markdown(results))
+        return
     tiny = args.tiny
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     attention = "cudnn" if on_gpu else "xla"
-    batch, latent, steps = (256, 32, 20) if not tiny else (8, 8, 2)
+    latent, steps = (32, 20) if not tiny else (8, 2)
     if args.single:
-        name, attn = args.single.split(":")
-        print("RESULT " + json.dumps(bench_dit(name, batch, latent, attn, steps, dtype, tiny)))
+        name, attn, remat, batch = args.single.split(":")
+        attn = attention if attn == "auto" else attn
+        batch = int(batch) if not tiny else 8
+        print("RESULT " + json.dumps(bench_dit(name, batch, latent, attn, remat, steps, dtype, tiny,
+                                               profile_dir=args.profile_dir)))
         return
     start = time.perf_counter()
     results = {"device": _device_name(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-               "dtype": jnp.dtype(dtype).name, "peak_tflops": _peak(), "dit": [], "notes": []}
+               "dtype": jnp.dtype(dtype).name, "peak_tflops": _peak(), "hbm_tbps": _card_value(PEAK_TBPS),
+               "command": " ".join(["python -m bench.gpu_suite"] + sys.argv[1:]), "dit": [], "notes": []}
+    out_dir = os.path.dirname(args.out) or "."
 
-    def left() -> bool:
-        ok = time.perf_counter() - start < args.budget_s
-        if not ok:
-            results["notes"].append("skipped the rest: time budget")
-        return ok
+    def left(what: str) -> bool:
+        if time.perf_counter() - start < args.budget_s:
+            return True
+        results["notes"].append(f"skipped {what}: the time budget ({args.budget_s:.0f} s) was spent")
+        return False
 
     def save():
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        os.makedirs(out_dir, exist_ok=True)
+        results["wall_s"] = time.perf_counter() - start
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2, default=float)
 
-    only = set(args.only.split(","))
-    if "dit" in only:
-        runs = [(m, attention) for m in args.dit_models.split(",")]
-        if on_gpu and "DiT-B/2" in args.dit_models.split(","):
-            runs.insert(1, ("DiT-B/2", "xla"))  # the attention-implementation comparison
-        for name, attn in runs:
-            if not left():
-                break
-            # Each model in its own process: peak memory and compile caches do not leak between rows.
-            cmd = [sys.executable, "-m", "bench.gpu_suite", "--single", f"{name}:{attn}"] + (["--tiny"] if tiny else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if line:
-                results["dit"].append(json.loads(line[0][7:]))
-                print(results["dit"][-1], flush=True)
+    rows = ([tuple(r.split(":")) for r in args.dit_rows.split(",")] if args.dit_rows else DIT_ROWS)
+    big = 256 if not tiny else 8
+    for part in args.only.split(","):
+        if not left(part):
+            continue
+        if part == "dit":
+            for name, attn, remat, batch in rows:
+                if not left(f"{name} {attn} {remat} {batch}"):
+                    break
+                result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", tiny)
+                if isinstance(result, str) and remat == "none":   # most likely out of memory: recompute instead
+                    results["notes"].append(f"{name} batch {batch} without remat failed: {result[-300:]}")
+                    remat = "dots"
+                    result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", tiny)
+                if isinstance(result, str):
+                    results["notes"].append(f"{name} {attn} {remat} {batch} failed: {result[-600:]}")
+                else:
+                    results["dit"].append(result)
+                print(result, flush=True)
+                save()
+        elif part == "profile":
+            from bench import profile_summary
+            trace_dir = os.path.join(out_dir, "trace")
+            result = _run_dit_row(f"DiT-B/2:auto:none:{big}", tiny, profile_dir=trace_dir)
+            if isinstance(result, str):
+                results["notes"].append(f"profile run failed: {result[-600:]}")
             else:
-                results["notes"].append(f"{name}/{attn} failed: {proc.stderr[-800:]}")
-                print(proc.stderr[-2000:], flush=True)
-            save()
-    if "sample" in only and left():
-        results["sample"] = bench_sample(500 if not tiny else 4, 50 if not tiny else 3, latent, tiny, attention, dtype)
-        print(results["sample"], flush=True)
+                summary = profile_summary.summarise(profile_summary.load_trace(trace_dir), steps=PROFILE_STEPS)
+                results["profile"] = {"run": result, "summary": summary}
+                print(profile_summary.format_table(summary), flush=True)
+        elif part == "loop":
+            results["loop"] = bench_loop("DiT-B/2", big, latent, attention, dtype, tiny,
+                                         os.path.join(out_dir, "loop_work"))
+            print(results["loop"], flush=True)
+        elif part == "eva":
+            results["eva"] = []
+            for size in ((224, 256) if not tiny else (32,)):
+                if left(f"EVA-02 at {size} px"):
+                    results["eva"].append(bench_eva(size, big, 10 if not tiny else 2, tiny, attention, dtype))
+                    print(results["eva"][-1], flush=True)
+        elif part == "pipeline":
+            # The classifier's input pipeline with one Grain worker per core but the one running this process.
+            from absl import flags
+            from bench import data_pipeline
+            flags.FLAGS.mark_as_parsed()   # Grain's worker processes read absl flags
+            workers = max(1, (os.cpu_count() or 2) - 1)
+            results["pipeline"] = []
+            for size in ((224, 256) if not tiny else (64,)):
+                rate, source = data_pipeline.images_per_second(size, workers=workers, batch_size=big,
+                                                               seconds=8.0 if not tiny else 1.0)
+                results["pipeline"].append({"px": size, "workers": workers, "cores": os.cpu_count(),
+                                            "data": source, "images_per_s": rate})
+                print(results["pipeline"][-1], flush=True)
+        elif part == "sample":
+            results["sample"] = bench_sample(500 if not tiny else 4, 50 if not tiny else 3, latent, tiny, attention,
+                                             dtype)
+            print(results["sample"], flush=True)
+        elif part == "vae":
+            results["vae_encode"] = bench_vae_encode(64 if not tiny else 2, 256 if not tiny else 32, tiny, dtype)
+            print(results["vae_encode"], flush=True)
+        else:
+            raise SystemExit(f"unknown part {part!r} in --only; choose from dit,profile,loop,eva,pipeline,sample,vae")
         save()
-    if "vae" in only and left():
-        results["vae_encode"] = bench_vae_encode(64 if not tiny else 2, 256 if not tiny else 32, tiny, dtype)
-        print(results["vae_encode"], flush=True)
-        save()
-    if "eva" in only:
-        results["eva"] = []
-        for size in ((224, 256) if not tiny else (32,)):
-            if not left():
-                break
-            results["eva"].append(bench_eva(size, 256 if not tiny else 4, 10 if not tiny else 2, tiny, attention, dtype))
-            print(results["eva"][-1], flush=True)
-            save()
-    results["wall_s"] = time.perf_counter() - start
     save()
-    print(json.dumps(results, indent=1, default=float))
+    markdown = render_markdown(results)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
+RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def _num(value, digits: int = 0, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def render_markdown(results: dict) -> str:
+    """The RESULTS.md section for one suite run: card, date, versions, command, then one table per part."""
+    lines = [f"## GPU suite: `{results.get('command', 'python -m bench.gpu_suite')}` ({results['date']}, "
+             f"{results['device']}, jax {results['jax']}, {results['dtype']} compute, float32 params)",
+             f"MFU counts each model's matmul FLOPs (DiT-B/2: 138 GFLOP per training image) against "
+             f"{_num(results['peak_tflops'])} TFLOP/s; the compute- and bandwidth-bound times are XLA's FLOP and "
+             f"byte counts of the compiled step at the peak rate and at {_num(results.get('hbm_tbps'), 2)} TB/s.", ""]
+    if results.get("dit"):
+        lines += ["| model | attention | remat | batch | images/s | step (ms) | MFU | compute-bound (ms) | "
+                  "bandwidth-bound (ms) | memory plan (GiB) | compile (s) |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results["dit"]:
+            lines.append(f"| {r['model']} ({r['params_M']:.1f} M) | {r['attention']} | {r['remat']} | {r['batch']} | "
+                         f"{_num(r['images_per_s'])} | {_num(r['step_ms'], 1)} | {_num(100 * r['mfu'], 1, ' %')} | "
+                         f"{_num(r['compute_bound_ms'], 1)} | {_num(r['bandwidth_bound_ms'], 1)} | "
+                         f"{_num(r['plan_gib'], 1)} | {_num(r['compile_s'], 1)} |")
+        lines.append("")
+    if results.get("profile"):
+        from bench import profile_summary
+        lines += [f"Profile of {PROFILE_STEPS} DiT-B/2 steps (batch {results['profile']['run']['batch']}):", "",
+                  profile_summary.format_table(results["profile"]["summary"]), ""]
+    if results.get("loop"):
+        r = results["loop"]
+        lines += [f"The real training loop (`loop.train`, Grain over an array_record latent cache, device prefetch): "
+                  f"{_num(r['loop_step_ms'], 1)} ms per step against {_num(r['bare_step_ms'], 1)} ms for the bare "
+                  f"step ({_num(100 * r['overhead'], 1, ' %')} host overhead), {_num(r['loop_images_per_s'])} images/s.",
+                  ""]
+    if results.get("eva"):
+        lines += ["| classifier | px | batch | images/s | step (ms) | MFU (XLA FLOPs) | memory plan (GiB) | compile (s) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results["eva"]:
+            lines.append(f"| {r['model']} | {r['px']} | {r['batch']} | {_num(r['images_per_s'])} | "
+                         f"{_num(r['step_ms'], 1)} | {_num(100 * r['mfu_xla_flops'], 1, ' %')} | "
+                         f"{_num(r['plan_gib'], 1)} | {_num(r['compile_s'], 1)} |")
+        lines.append("")
+    if results.get("pipeline"):
+        lines += ["| input pipeline (decode PNG, augment, batch) | px | Grain workers | cores | images/s |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in results["pipeline"]:
+            lines.append(f"| {r['data']} | {r['px']} | {r['workers']} | {r['cores']} | {_num(r['images_per_s'])} |")
+        lines.append("")
+    if results.get("sample"):
+        r = results["sample"]
+        lines += [f"Generation: {r['num_images']} images with DDIM {r['ddim_steps']} + CFG {r['guidance']} + VAE decode "
+                  f"to {r['image_px']} px in **{_num(r['seconds_total'], 2)} s** (compile {_num(r['compile_s'], 1)} s); "
+                  f"one network evaluation of {r['nfe_rows']} rows: {_num(r['nfe_ms'], 1)} ms; VAE decode "
+                  f"{_num(r['vae_decode_s'], 2)} s.", ""]
+    if results.get("vae_encode"):
+        r = results["vae_encode"]
+        lines += [f"Latent cache: VAE encode at {r['px']} px, batch {r['batch']}: {_num(r['images_per_s'])} images/s; "
+                  f"{r['cache_bytes_per_image']:,} bytes per cached image.", ""]
+    for note in results.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

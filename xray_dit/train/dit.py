@@ -110,8 +110,7 @@ def build_latent_cache(config: ml_collections.ConfigDict, workdir: epath.Path, v
         writer = ArrayRecordWriter(str(cache_dir / CACHE_FILE), "group_size:1")
         for i in range(count):
             label = int(np.argmax(out["labels"][i, columns])) if columns else 0
-            record = np.concatenate([out["mean"][i].ravel(), out["std"][i].ravel()]).astype(np.float32)
-            writer.write(np.int32(label).tobytes() + record.tobytes())
+            writer.write(latent_record(label, out["mean"][i], out["std"][i]))
         writer.close()
     info = {"fingerprint": fingerprint, "count": count, "latent_shape": list(out["mean"].shape[1:]),
             "scaling_factor": scale, "latent_std_of_means": float(np.std(out["mean"] * scale))}
@@ -124,6 +123,11 @@ def build_latent_cache(config: ml_collections.ConfigDict, workdir: epath.Path, v
     logging.info("latent cache: %d latents of shape %s (%.1f MiB) in %s", count, info["latent_shape"], size_mb,
                  cache_dir)
     return cache_dir, info
+
+
+def latent_record(label: int, mean: np.ndarray, std: np.ndarray) -> bytes:
+    """One cache record: int32 label, then the posterior mean and std as float32 (read by `_DecodeLatent`)."""
+    return np.int32(label).tobytes() + np.concatenate([np.ravel(mean), np.ravel(std)]).astype(np.float32).tobytes()
 
 
 class _DecodeLatent(grain.transforms.Map):

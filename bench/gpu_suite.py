@@ -1,20 +1,22 @@
 """The whole accelerator benchmark in one go (about 8 minutes on one H100/H200; `--budget_s` stops it in time).
 
-    python -m bench.gpu_suite --out=bench/out/gpu.json [--only=dit,profile,loop,eva,pipeline,sample,vae] [--tiny]
+    python -m bench.gpu_suite --out=bench/out/gpu.json [--only=dit,loop,eva,pipeline,sample,vae] [--tiny]
     python -m bench.gpu_suite --render=bench/out/gpu.json     # append its tables to bench/RESULTS.md
 
 Measures, each with the project's real code paths (models, diffusion, loop.make_update_fn, optimiser, EMA):
   dit      training images/s, MFU, memory and compile time for DiT-B/2 (cuDNN; also with remat "dots" and at
            batch 512), DiT-L/2, DiT-XL/2 (remat "dots" if it does not fit), DiT-S/2; XLA's FLOP and byte
-           counts of the compiled step give its compute- and bandwidth-bound times
-  profile  a trace of 5 DiT-B/2 steps, summarised by kernel category and idle time (bench.profile_summary)
+           counts of the compiled step give its compute- and bandwidth-bound times. The first row also
+           traces 5 more steps, summarised by kernel category and idle time (bench.profile_summary)
   loop     the real `loop.train` (array_record latents → Grain → device prefetch → step → metrics) against
            the bare step: what the host side costs per step
   eva      EVA-02-S training images/s at 224 and 256 px
   pipeline the classifier's Grain input pipeline at 224 and 256 px with a worker per core (is it the bottleneck?)
   sample   500 images: DDIM 50 steps with CFG + VAE decode to 256 px; one network evaluation of 1,000 rows
   vae      SD-size VAE encode images/s at 256 px (the latent cache's speed)
-Parts run in the order given by --only, most important first, so that a budget cut loses the least.
+Parts run in the order given by --only, most important first, so that a budget cut loses the least. All
+processes share one persistent compilation cache under the output folder, so the loop part's bare step and
+a rerun of the suite do not compile DiT-B/2 again (compile times in the table are first compiles).
 `--tiny` shrinks everything so the script itself can be checked on a CPU.
 """
 
@@ -309,7 +311,7 @@ def _run_dit_row(spec: str, tiny: bool, profile_dir: str = "") -> dict | str:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/out/gpu.json")
-    parser.add_argument("--only", default="dit,profile,loop,eva,pipeline,sample,vae")
+    parser.add_argument("--only", default="dit,loop,eva,pipeline,sample,vae")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--budget_s", type=float, default=540.0, help="start nothing new after this many seconds")
     parser.add_argument("--dit_rows", default="", help="model:attention:remat:batch,... instead of DIT_ROWS")
@@ -336,11 +338,13 @@ def main():
         print("RESULT " + json.dumps(bench_dit(name, batch, latent, attn, remat, steps, dtype, tiny,
                                                profile_dir=args.profile_dir)))
         return
+    out_dir = os.path.dirname(args.out) or "."
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(os.path.join(out_dir, "jax_cache"))  # + children
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     start = time.perf_counter()
     results = {"device": _device_name(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
                "dtype": jnp.dtype(dtype).name, "peak_tflops": _peak(), "hbm_tbps": _card_value(PEAK_TBPS),
                "command": " ".join(["python -m bench.gpu_suite"] + sys.argv[1:]), "dit": [], "notes": []}
-    out_dir = os.path.dirname(args.out) or "."
 
     def left(what: str) -> bool:
         if time.perf_counter() - start < args.budget_s:
@@ -360,30 +364,27 @@ def main():
         if not left(part):
             continue
         if part == "dit":
-            for name, attn, remat, batch in rows:
+            from bench import profile_summary
+            trace_dir = os.path.join(out_dir, "trace")
+            for i, (name, attn, remat, batch) in enumerate(rows):
                 if not left(f"{name} {attn} {remat} {batch}"):
                     break
-                result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", tiny)
+                profile = trace_dir if i == 0 else ""
+                result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", tiny, profile)
                 if isinstance(result, str) and remat == "none":   # most likely out of memory: recompute instead
                     results["notes"].append(f"{name} batch {batch} without remat failed: {result[-300:]}")
                     remat = "dots"
-                    result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", tiny)
+                    result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", tiny, profile)
                 if isinstance(result, str):
                     results["notes"].append(f"{name} {attn} {remat} {batch} failed: {result[-600:]}")
                 else:
                     results["dit"].append(result)
+                    if profile:
+                        summary = profile_summary.summarise(profile_summary.load_trace(trace_dir), steps=PROFILE_STEPS)
+                        results["profile"] = {"run": result, "summary": summary}
+                        print(profile_summary.format_table(summary), flush=True)
                 print(result, flush=True)
                 save()
-        elif part == "profile":
-            from bench import profile_summary
-            trace_dir = os.path.join(out_dir, "trace")
-            result = _run_dit_row(f"DiT-B/2:auto:none:{big}", tiny, profile_dir=trace_dir)
-            if isinstance(result, str):
-                results["notes"].append(f"profile run failed: {result[-600:]}")
-            else:
-                summary = profile_summary.summarise(profile_summary.load_trace(trace_dir), steps=PROFILE_STEPS)
-                results["profile"] = {"run": result, "summary": summary}
-                print(profile_summary.format_table(summary), flush=True)
         elif part == "loop":
             results["loop"] = bench_loop("DiT-B/2", big, latent, attention, dtype, tiny,
                                          os.path.join(out_dir, "loop_work"))
@@ -415,7 +416,7 @@ def main():
             results["vae_encode"] = bench_vae_encode(64 if not tiny else 2, 256 if not tiny else 32, tiny, dtype)
             print(results["vae_encode"], flush=True)
         else:
-            raise SystemExit(f"unknown part {part!r} in --only; choose from dit,profile,loop,eva,pipeline,sample,vae")
+            raise SystemExit(f"unknown part {part!r} in --only; choose from dit,loop,eva,pipeline,sample,vae")
         save()
     save()
     markdown = render_markdown(results)
@@ -452,7 +453,9 @@ def render_markdown(results: dict) -> str:
         lines.append("")
     if results.get("profile"):
         from bench import profile_summary
-        lines += [f"Profile of {PROFILE_STEPS} DiT-B/2 steps (batch {results['profile']['run']['batch']}):", "",
+        run = results["profile"]["run"]
+        lines += [f"Profile of {PROFILE_STEPS} {run['model']} steps ({run['attention']}, remat {run['remat']}, "
+                  f"batch {run['batch']}):", "",
                   profile_summary.format_table(results["profile"]["summary"]), ""]
     if results.get("loop"):
         r = results["loop"]

@@ -120,17 +120,20 @@ def test_optimizer_applies_lr_multipliers_and_skips_decay_on_vectors():
 
 
 @pytest.mark.parametrize("prefetch", [0, 3])
-def test_prefetched_device_batches_checkpoint_the_consumed_position(prefetch):
+def test_prefetched_device_batches_checkpoint_the_consumed_position(prefetch, tmp_path):
     # The prefetch thread runs ahead; the saved state must still be "after the last batch the loop took".
+    from xray_dit import checkpoint
     mesh = sharding.make_mesh((-1, 1, 1))
     batches = loop._device_batches(toy_task.toy_data(batch_size=8), mesh, prefetch)
     taken = [next(batches) for _ in range(2)]
     assert isinstance(taken[0]["x"], jax.Array) and taken[0]["x"].sharding.spec[0] is not None
     time.sleep(0.2)  # let the prefetch thread fill its buffer
-    state = batches.get_state()
+    saver = checkpoint.Checkpointer(tmp_path, every_steps=1, async_save=False)
+    saver.save(2, {"w": np.zeros(1)}, data_iterator=batches)
+    saver.close()
     expected = np.asarray(next(batches)["x"])
     batches.close()
     resumed = loop._device_batches(toy_task.toy_data(batch_size=8), mesh, prefetch)
-    resumed.set_state(state)
+    checkpoint.Checkpointer(tmp_path, every_steps=1).restore({"w": np.zeros(1)}, data_iterator=resumed)
     np.testing.assert_array_equal(np.asarray(next(resumed)["x"]), expected)
     resumed.close()

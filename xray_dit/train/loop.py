@@ -180,16 +180,15 @@ class _GlobalBatches:
 
 
 def _device_batches(data: Iterator[Batch], mesh, prefetch: int):
-    """Global batches, `prefetch` of them decoded and on the device ahead of the step that needs them.
+    """Global batches, `prefetch` of them decoded and on the device ahead of the step that needs them
+    (0: fetched when the step asks, in this thread).
 
     Grain's ThreadPrefetchDatasetIterator keeps with every buffered batch the iterator state right after
     it, so a checkpoint records the position of the last batch *consumed*, not of the last one
-    prefetched, and resuming stays exact.
+    prefetched, and resuming stays exact. Being a Grain DatasetIterator, it is what Grain's Orbax
+    handler knows how to save.
     """
-    batches = _GlobalBatches(data, mesh)
-    if prefetch <= 0:
-        return batches
-    return grain.experimental.ThreadPrefetchDatasetIterator(batches, prefetch)
+    return grain.experimental.ThreadPrefetchDatasetIterator(_GlobalBatches(data, mesh), max(int(prefetch), 0))
 
 
 def _fetch_batch(data: Iterator[dict]) -> dict:

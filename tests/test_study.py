@@ -135,6 +135,12 @@ def test_privacy_and_quality_numbers_are_in_range(study):
     assert 0.0 <= priv["membership_inference"]["auc"] <= 1.0
     assert priv["quality"]["all generated"]["n"] == 16
     assert "ctr_oracle" in priv and priv["ctr_oracle"]["generated"] == 16
+    # The privacy phase reports the distances the filter phase computed (pixel space first), not new ones.
+    from xray_dit.study import filters
+    with np.load(study["workdir"] / "05_filter" / filters.PIXEL_DISTANCES) as saved:
+        np.testing.assert_array_equal(saved["heldout_to_train"], study["threshold_inputs"][0])
+        assert priv["synthetic_to_train_median"] == pytest.approx(float(np.median(saved["synthetic_to_train"])))
+    assert priv["heldout_to_train_median"] == pytest.approx(float(np.median(study["threshold_inputs"][0])))
 
 
 def test_rerun_skips_done_phases_and_rerun_from_repeats_the_tail(study, monkeypatch):

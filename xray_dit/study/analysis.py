@@ -14,7 +14,7 @@ from absl import logging
 from etils import epath
 
 from xray_dit.evaluation import classification, plots, privacy, synthesis
-from xray_dit.study import probe
+from xray_dit.study import filters, probe
 from xray_dit.study.phases import StudyContext
 from xray_dit.train.classifier import read_predictions
 
@@ -141,11 +141,13 @@ def privacy_and_quality(context: StudyContext) -> dict:
     train_minority = train.subset(train.labels[:, t] == 1)
     heldout_minority = heldout.subset(heldout.labels[:, t] == 1)
 
-    # Nearest-neighbour distances in pixel space (1 - correlation), threshold from the filter phase.
+    # Nearest-training-image distances in pixel space (1 - correlation) and their threshold: the filter phase
+    # computed both for every generated image (before filtering) and every validation image.
+    with (context.phase_dir("05_filter") / filters.PIXEL_DISTANCES).open("rb") as f, np.load(f) as saved:
+        syn_d, syn_nn, heldout_d = (saved[k] for k in ("synthetic_to_train", "synthetic_nearest_train",
+                                                       "heldout_to_train"))
     px = {k: probe.downsample_for_pixels(v.images) for k, v in
-          dict(syn=synthetic, train=train, heldout=heldout, train_min=train_minority, heldout_min=heldout_minority).items()}
-    syn_d, syn_nn = privacy.pixel_nearest_neighbours(px["syn"], px["train"])
-    heldout_d, _ = privacy.pixel_nearest_neighbours(px["heldout"], px["train"])
+          dict(syn=synthetic, train_min=train_minority, heldout_min=heldout_minority).items()}
     memorised = privacy.memorisation_rate(syn_d, thresholds["privacy_pixel"])
     hist = plots.plot_distance_histograms({"synthetic → train": syn_d, "held-out real → train": heldout_d},
                                           thresholds["privacy_pixel"], out_dir / "nn_distance_histogram.png",

@@ -28,6 +28,9 @@ REALISM_K = 5
 MAX_EXAMPLES = 8
 
 
+PIXEL_DISTANCES = "nn_pixel_distances.npz"   # nearest-training-image distances, written for 08_privacy
+
+
 def kth_neighbour_distance(query: np.ndarray, reference: np.ndarray, k: int, *, exclude_self: bool = False) -> np.ndarray:
     """Cosine distance from each query row to its k-th nearest reference row."""
     q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
@@ -125,6 +128,10 @@ def run_filters(context: StudyContext) -> dict:
                   "nn_train_image": train.ids[syn_pixel_nn].tolist(),
                   **{f"pass_{k.replace(' ', '_')}": v.tolist() for k, v in criteria.items()}}
     (out_dir / "per_sample.json").write_text(json.dumps(per_sample))
+    # The privacy phase reports on the same distances: they are the costliest part of both phases at scale.
+    with (out_dir / PIXEL_DISTANCES).open("wb") as f:
+        np.savez(f, synthetic_to_train=syn_pixel_d, synthetic_nearest_train=syn_pixel_nn,
+                 heldout_to_train=heldout_pixel_d)
     return {"generated": len(synthetic), "accepted": int(accepted.sum()), "criteria": summary,
             "thresholds": {"fidelity_probability": float(study.fidelity_threshold), "realism_knn": realism_threshold,
                            "privacy_pixel": float(pixel_threshold), "privacy_feature": float(feature_threshold),

@@ -26,7 +26,7 @@ from xray_dit.diffusion import schedules
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import vae as vae_lib
-from xray_dit.train import classifier, dit, sample, vae
+from xray_dit.train import classifier, common, dit, sample, vae
 
 TINY_DIT_STEPS = 20
 FIRST_STEPS_COMPARED = 5
@@ -257,11 +257,16 @@ def test_vae_gan_term_is_off_before_gan_start_step_and_on_after():
 # --------------------------------------------------------------------------------------------------
 # Tasks end to end
 # --------------------------------------------------------------------------------------------------
-def test_classifier_end_to_end_writes_test_artefacts(data_dir, tmp_path):
+def test_classifier_end_to_end_writes_test_artefacts(data_dir, tmp_path, monkeypatch):
     config = tiny_configs.tiny_config(data_dir)
     config.task = "train_classifier"
+    passes = []
+    original = common.run_over_split
+    monkeypatch.setattr(common, "run_over_split", lambda *a, **k: passes.append(a[4]) or original(*a, **k))
     results = classifier.train_classifier(config, tmp_path)   # the default mesh: 8 devices, data parallel
     names = tuple(config.data.labels)
+    # Validation at steps 10 and 20 chooses the kept parameters; the final report reuses those predictions.
+    assert passes == ["validation", "validation", "test"]
 
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["step"] in (10, 20) and results["best_step"] == best["step"]

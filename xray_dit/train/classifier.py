@@ -135,6 +135,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
 
     best_dir = workdir / "best"
     best_info_path = workdir / "best.json"
+    best_validation = {}   # step → validation predictions of the kept parameters (this process only)
 
     def evaluate(state, step):
         params = state.get("ema_params", state["params"])
@@ -152,6 +153,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
         if improves or (best is None or not np.isfinite(best["value"])):
             checkpoint.save_export(best_dir, params, {"kind": "eva02", "model": model_factory.model_fields(model),
                                                       "class_names": list(class_names), "step": step})
+            best_validation.clear()
+            best_validation[step] = out
             if jax.process_index() == 0:
                 best_info_path.write_text(json.dumps({"metric": cfg.select_metric, "value": value, "step": step}))
         return metrics
@@ -163,11 +166,15 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     # ---- Final evaluation with the best validation parameters ----------------------------------------
     params, _ = checkpoint.load_export(best_dir, state["params"], kind="eva02")
     best = json.loads(best_info_path.read_text())
-    return evaluate_on_test(config, workdir, predictions, params, class_names, directory, best)
+    return evaluate_on_test(config, workdir, predictions, params, class_names, directory, best,
+                            validation=best_validation.get(best["step"]))
 
 
-def evaluate_on_test(config, workdir, predictions, params, class_names, directory, best) -> dict:
-    val, test = predictions(params, "validation"), predictions(params, "test")
+def evaluate_on_test(config, workdir, predictions, params, class_names, directory, best, *, validation=None) -> dict:
+    """Test metrics and plots of the kept parameters; `validation`: their validation predictions, if at hand
+    (the evaluation that chose them made them), else they are computed again."""
+    val = validation if validation is not None else predictions(params, "validation")
+    test = predictions(params, "test")
     tables = {split: pipeline.metadata_table(config.data, split, data_dir=directory) for split in ("validation", "test")}
     results: dict[str, Any] = {"best_step": best["step"], "select_metric": best["metric"], "val_value": best["value"]}
     test_aucs = classification.per_class_auc(test["labels"], test["probs"], class_names, test["label_mask"] > 0)

@@ -453,3 +453,10 @@ def test_picture_phantom_next_to_real_nih(nih_sample_dir, artifacts_dir):
         mean, spread, mediastinum, lungs = _radiograph_statistics(images)
         assert 80 < mean < 180 and spread > 30       # mid-grey, full of contrast, not washed out
         assert mediastinum > lungs + 20              # bright mediastinum/spine between dark lungs
+
+
+@pytest.mark.parametrize("cell", ["abc", "2", "0.5"])
+def test_chexpert_bad_label_cell_names_the_label_and_the_value(cell):
+    row = {label: "" for label in chexpert.LABELS} | {"Edema": cell}
+    with pytest.raises(ValueError, match=f"label 'Edema' has value '{cell}'; expected 1, 0, -1 or blank"):
+        chexpert.encode_labels(row, chexpert.ChexpertConfig(name="x"))

@@ -83,7 +83,10 @@ def encode_labels(values: Mapping[str, str], config: ChexpertConfig) -> tuple[np
     uncertain = np.zeros(len(LABELS), np.float32)
     for i, name in enumerate(LABELS):
         cell = values[name].strip()
-        value = float(cell) if cell else 0.0
+        try:
+            value = float(cell) if cell else 0.0
+        except ValueError:
+            value = float("nan")   # reported below, with the label's name
         if value == 1.0:
             labels[i] = 1.0
         elif value == -1.0:

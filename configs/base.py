@@ -44,7 +44,7 @@ def get_config(arg=None):
     # Devices: (data, fsdp, tensor); -1 fills with whatever devices remain.
     config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
     config.compute_dtype = "float32"   # "bfloat16" on accelerators; params stay float32
-    config.attention_impl = "xla"      # "xla" | "cudnn" (GPU, bf16 only)
+    config.attention_impl = "auto"     # "auto" (cuDNN on GPUs with bf16/fp16, else XLA) | "xla" | "cudnn"
     # JAX's persistent compilation cache: a rerun, a resumed run and every study seed/arm reuse compiled
     # programs instead of compiling them again (programs that compile in under a second are not kept).
     config.compilation_cache_dir = "~/.cache/xray_dit/jax"   # "" = off

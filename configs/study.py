@@ -24,7 +24,6 @@ def get_config(arg=None):
     config = base.get_config(arg)
     config.task = "study"
     config.compute_dtype = "bfloat16"
-    config.attention_impl = "cudnn"
     config.data.update(name="nih_chestxray14", builder_config="256", image_size=256, labels=base.NIH_LABELS,
                        target_class="Cardiomegaly", num_workers=8)
     config.classifier.update(model="S", patch_size=16, pos_weight="balanced")

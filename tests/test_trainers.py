@@ -107,6 +107,20 @@ def test_task_configs_set_their_task_keep_the_base_keys_and_name_bad_variants(na
     assert phantom_config.data.image_size == 64 and phantom_config.compute_dtype == "float32"
 
 
+@pytest.mark.parametrize("backend, dtype, want", [("gpu", "bfloat16", "cudnn"), ("gpu", "float16", "cudnn"),
+                                                   ("gpu", "float32", "xla"), ("tpu", "bfloat16", "xla"),
+                                                   ("cpu", "bfloat16", "xla")])
+def test_auto_attention_is_cudnn_only_where_it_runs(backend, dtype, want, monkeypatch):
+    from configs import base
+    from xray_dit.train import model_factory
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    config = base.get_config()
+    config.compute_dtype = dtype
+    assert config.attention_impl == "auto" and model_factory.attention_impl(config) == want
+    config.attention_impl = "xla"
+    assert model_factory.attention_impl(config) == "xla"
+
+
 # --------------------------------------------------------------------------------------------------
 # Classifier pieces on hand examples
 # --------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class OutOfSpaceError(OSError):
 def load_dit(dit_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
     info = checkpoint.load_export_info(dit_dir)
     model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
-                                          attention_impl=config.attention_impl)
+                                          attention_impl=model_factory.attention_impl(config))
     size, channels = model.input_size, model.in_channels
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32),

@@ -1,4 +1,5 @@
-"""The whole accelerator benchmark in one go (about 8 minutes on one H100/H200; `--budget_s` stops it in time).
+"""The whole accelerator benchmark (an estimated 11 minutes on one H200, so `--budget_s` stops it before a
+10-minute device command limit; bench/NOTES.md gives the two-command split for a 15-minute device session).
 
     python -m bench.gpu_suite --out=bench/out/gpu.json [--only=dit,loop,eva,pipeline,sample,vae] [--tiny]
     python -m bench.gpu_suite --render=bench/out/gpu.json     # append its tables to bench/RESULTS.md

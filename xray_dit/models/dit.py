@@ -269,7 +269,7 @@ class DiT(nn.Module):
         block = DiTBlock if policy is None else nn.remat(DiTBlock, policy=policy)  # same parameter names
         for i in range(self.depth):
             tokens = block(self.num_heads, self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype,
-                              attention_impl=self.attention_impl, name=f"blocks_{i}")(tokens, c)
+                           attention_impl=self.attention_impl, name=f"blocks_{i}")(tokens, c)
         out = FinalLayer(p * p * self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="final_layer")(tokens, c)
         return unpatchify(out.astype(jnp.float32), self.grid_size, self.grid_size, p, self.out_channels)

@@ -26,8 +26,6 @@ from xray_dit.study.phases import StudyContext
 
 REALISM_K = 5
 MAX_EXAMPLES = 8
-
-
 PIXEL_DISTANCES = "nn_pixel_distances.npz"   # nearest-training-image distances, written for 08_privacy
 
 

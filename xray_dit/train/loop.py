@@ -155,40 +155,45 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _GlobalBatches:
-    """The task's host batches as global (sharded) device arrays, checkpointable like the iterator it
-    wraps, so Grain's thread prefetch can run it ahead of the accelerator."""
+class _GlobalBatches(grain.DatasetIterator):
+    """The task's host batches as global (sharded) device arrays. A Grain DatasetIterator over the task's
+    iterator, so it checkpoints like it (Grain's Orbax handler saves its state as JSON) and Grain's thread
+    prefetch can run it ahead of the accelerator."""
 
-    def __init__(self, data: Iterator[Batch], mesh):
-        self._data, self._mesh = data, mesh
-
-    def __iter__(self):
-        return self
+    def __init__(self, data: grain.DatasetIterator, mesh):
+        if not isinstance(data, grain.DatasetIterator):
+            raise TypeError(f"TrainTask.data must be a checkpointable grain.DatasetIterator (iter() of a "
+                            f"grain.IterDataset), got {type(data).__name__}")
+        super().__init__(data)
+        self._mesh = mesh
 
     def __next__(self) -> dict:
-        return sharding.host_to_global(dict(next(self._data)), self._mesh)
+        return sharding.host_to_global(dict(next(self._parent)), self._mesh)
 
     def get_state(self):
-        return self._data.get_state()
+        return self._parent.get_state()
 
     def set_state(self, state) -> None:
-        self._data.set_state(state)
+        self._parent.set_state(state)
 
     def close(self) -> None:
-        if hasattr(self._data, "close"):
-            self._data.close()
+        self._parent.close()
 
 
-def _device_batches(data: Iterator[Batch], mesh, prefetch: int):
+def _device_batches(data: grain.DatasetIterator, mesh, prefetch: int) -> grain.DatasetIterator:
     """Global batches, `prefetch` of them decoded and on the device ahead of the step that needs them
     (0: fetched when the step asks, in this thread).
 
     Grain's ThreadPrefetchDatasetIterator keeps with every buffered batch the iterator state right after
     it, so a checkpoint records the position of the last batch *consumed*, not of the last one
-    prefetched, and resuming stays exact. Being a Grain DatasetIterator, it is what Grain's Orbax
-    handler knows how to save.
+    prefetched, and resuming stays exact. It is not used for 0: Grain's checkpoint handler starts its
+    thread after a restore whatever the buffer size, and with a size of 0 that thread and `next` would
+    both draw from the iterator.
     """
-    return grain.experimental.ThreadPrefetchDatasetIterator(_GlobalBatches(data, mesh), max(int(prefetch), 0))
+    batches = _GlobalBatches(data, mesh)
+    if prefetch <= 0:
+        return batches
+    return grain.experimental.ThreadPrefetchDatasetIterator(batches, int(prefetch))
 
 
 def _fetch_batch(data: Iterator[dict]) -> dict:

@@ -215,14 +215,19 @@ def bench_vae_encode(batch: int, size: int, tiny: bool, dtype) -> dict:
     return {"batch": batch, "px": size, "images_per_s": batch / seconds, "cache_bytes_per_image": latent_bytes}
 
 
-def bench_eva(size: int, batch: int, steps: int, tiny: bool, attention: str, dtype) -> dict:
-    from configs import base
+def _eva_model(size: int, tiny: bool, attention: str, dtype):
     from xray_dit.models import eva02 as eva02_lib
-    from xray_dit.train import classifier, loop
     # Patch 14 (timm's EVA-02) where the size allows, else 16 as configs/study.py uses at 256 px.
     patch = 8 if tiny else (14 if size % 14 == 0 else 16)
-    model = eva02_lib.make_eva02("S" if not tiny else "tiny", img_size=size, num_classes=14, in_channels=1,
-                                 patch_size=patch, dtype=dtype, attention_impl=attention, drop_path_rate=0.1)
+    return eva02_lib.make_eva02("S" if not tiny else "tiny", img_size=size, num_classes=14, in_channels=1,
+                                patch_size=patch, dtype=dtype, attention_impl=attention, drop_path_rate=0.1)
+
+
+def bench_eva(size: int, batch: int, steps: int, tiny: bool, attention: str, dtype) -> dict:
+    from configs import base
+    from xray_dit.train import classifier, loop
+    model = _eva_model(size, tiny, attention, dtype)
+    patch = model.patch_size
     params = sharding.unbox(jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 1))))(jax.random.PRNGKey(0)))["params"]
     train = base.get_config().classifier.train
 

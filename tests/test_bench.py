@@ -36,3 +36,27 @@ def test_tiny_suite_runs_every_measured_path_and_renders_tables(tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     assert "| DiT-B/2" in markdown and "| dots |" in markdown and "Kernel time by category" in markdown
     assert "The real training loop" in markdown
+
+
+def test_every_full_size_row_traces_with_its_real_shapes():
+    # The tiny run cannot catch a shape that only the real sizes have (a 256 px EVA-02 with patch 14 did
+    # once); tracing the real step with abstract arrays costs no device time and no memory.
+    import jax
+    import jax.numpy as jnp
+    from xray_dit import sharding
+    for name, _, remat, batch in gpu_suite.DIT_ROWS:
+        model = gpu_suite._dit_model(name, 32, "xla", remat, jnp.bfloat16, tiny=False)
+        _, tx, update = gpu_suite._dit_update(model)
+        params = jax.eval_shape(lambda m=model: sharding.unbox(dit.init_params(m, jax.random.PRNGKey(0))["params"]))
+        state = {"params": params, "ema_params": params, "opt_state": jax.eval_shape(tx.init, params),
+                 "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(1))}
+        batch_data = {"mean": jax.ShapeDtypeStruct((batch, 32, 32, 4), jnp.float32),
+                      "std": jax.ShapeDtypeStruct((batch, 32, 32, 4), jnp.float32),
+                      "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+        new_state, metrics = jax.eval_shape(update, state, batch_data)
+        assert jax.tree.structure(new_state) == jax.tree.structure(state) and metrics["loss"].shape == ()
+    for size in (224, 256):
+        model = gpu_suite._eva_model(size, tiny=False, attention="xla", dtype=jnp.bfloat16)
+        logits = jax.eval_shape(lambda m=model: m.init_with_output(jax.random.PRNGKey(0),
+                                                                   jnp.zeros((2, size, size, 1)))[0])
+        assert logits.shape == (2, 14)

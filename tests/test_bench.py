@@ -32,10 +32,11 @@ def test_tiny_suite_runs_every_measured_path_and_renders_tables(tmp_path):
     assert row["remat"] == "dots" and row["images_per_s"] > 0 and row["plan_gib"] > 0 and row["xla_gbytes"] > 0
     assert results["profile"]["summary"]["busy_ms"] > 0
     assert results["profile"]["summary"]["categories"]["gemm"]["ms_per_step"] > 0
-    assert results["loop"]["loop_step_ms"] > 0 and results["loop"]["bare_step_ms"] > 0
+    assert results["loop"]["bare_step_ms"] > 0
+    assert all(results["loop"][f"prefetch_{p}"]["loop_step_ms"] > 0 for p in (0, 2))
     markdown = (tmp_path / "results.md").read_text()
     assert "| DiT-B/2" in markdown and "| dots |" in markdown and "Kernel time by category" in markdown
-    assert "The real training loop" in markdown
+    assert "The real training loop" in markdown and "| batches prefetched to the device |" in markdown
 
 
 def test_every_full_size_row_traces_with_its_real_shapes():

@@ -16,8 +16,8 @@ Measures, each with the project's real code paths (models, diffusion, loop.make_
   sample   500 images: DDIM 50 steps with CFG + VAE decode to 256 px; one network evaluation of 1,000 rows
   vae      SD-size VAE encode images/s at 256 px (the latent cache's speed)
 Parts run in the order given by --only, most important first, so that a budget cut loses the least. All
-processes share one persistent compilation cache under the output folder, so the loop part's bare step and
-a rerun of the suite do not compile DiT-B/2 again (compile times in the table are first compiles).
+processes share one persistent compilation cache in a temporary folder, so the loop part's runs and bare step
+do not compile DiT-B/2 again (compile times in the table are first compiles).
 `--tiny` shrinks everything so the script itself can be checked on a CPU.
 """
 
@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -356,7 +357,12 @@ def main():
                                                profile_dir=args.profile_dir)))
         return
     out_dir = os.path.dirname(args.out) or "."
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(os.path.join(out_dir, "jax_cache"))  # + children
+    os.makedirs(out_dir, exist_ok=True)
+    # Bulky working files (compiled programs, the loop part's checkpoints, the raw trace) stay out of out_dir,
+    # which a device run sends back whole; a fixed folder lets a second command on the same machine reuse them.
+    work_dir = os.path.join(tempfile.gettempdir(), "xray_dit_gpu_suite")
+    os.makedirs(work_dir, exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(work_dir, "jax_cache")  # also for the row processes
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     start = time.perf_counter()
     results = {"device": _device_name(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -382,7 +388,7 @@ def main():
             continue
         if part == "dit":
             from bench import profile_summary
-            trace_dir = os.path.join(out_dir, "trace")
+            trace_dir = os.path.join(work_dir, "trace")
             for i, (name, attn, remat, batch) in enumerate(rows):
                 if not left(f"{name} {attn} {remat} {batch}"):
                     break
@@ -398,13 +404,14 @@ def main():
                     results["dit"].append(result)
                     if profile:
                         summary = profile_summary.summarise(profile_summary.load_trace(trace_dir), steps=PROFILE_STEPS)
+                        _keep_small_trace(trace_dir, out_dir)
                         results["profile"] = {"run": result, "summary": summary}
                         print(profile_summary.format_table(summary), flush=True)
                 print(result, flush=True)
                 save()
         elif part == "loop":
             results["loop"] = bench_loop("DiT-B/2", big, latent, attention, dtype, tiny,
-                                         os.path.join(out_dir, "loop_work"))
+                                         os.path.join(work_dir, "loop_work"))
             print(results["loop"], flush=True)
         elif part == "eva":
             results["eva"] = []
@@ -440,6 +447,16 @@ def main():
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown)
     print(markdown)
+
+
+def _keep_small_trace(trace_dir: str, out_dir: str, max_mib: float = 20.0) -> None:
+    """Copies the perfetto trace into out_dir (to open in ui.perfetto.dev later) unless it is large."""
+    import glob
+    import shutil
+    traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    newest = max(traces, key=os.path.getmtime, default=None)
+    if newest and os.path.getsize(newest) <= max_mib * 2**20:
+        shutil.copy(newest, os.path.join(out_dir, "dit_trace.json.gz"))
 
 
 RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")

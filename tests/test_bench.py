@@ -30,7 +30,8 @@ def test_tiny_suite_runs_every_measured_path_and_renders_tables(tmp_path):
     assert results["notes"] == []
     (row,) = results["dit"]
     assert row["remat"] == "dots" and row["images_per_s"] > 0 and row["plan_gib"] > 0 and row["xla_gbytes"] > 0
-    assert results["profile"]["summary"]["busy_ms"] > 0
+    assert results["profile"]["summary"]["busy_ms"] > 0 and (tmp_path / "dit_trace.json.gz").exists()
+    assert not (tmp_path / "jax_cache").exists()   # bulky working files stay out of the returned folder
     assert results["profile"]["summary"]["categories"]["gemm"]["ms_per_step"] > 0
     assert results["loop"]["bare_step_ms"] > 0
     assert all(results["loop"][f"prefetch_{p}"]["loop_step_ms"] > 0 for p in (0, 2))

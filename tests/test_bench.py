@@ -62,3 +62,17 @@ def test_every_full_size_row_traces_with_its_real_shapes():
         logits = jax.eval_shape(lambda m=model: m.init_with_output(jax.random.PRNGKey(0),
                                                                    jnp.zeros((2, size, size, 1)))[0])
         assert logits.shape == (2, 14)
+
+
+def test_a_failing_row_is_retried_with_remat_then_noted_and_the_suite_goes_on(tmp_path):
+    # On the device an out-of-memory row must cost one retry, not the session's run.
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--tiny", f"--out={out}", "--only=dit,vae",
+                           "--dit_rows=DiT-Q/2:auto:none:256"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["dit"] == [] and "vae_encode" in results
+    first, second = results["notes"]
+    assert "without remat failed" in first and "unknown DiT model" in first
+    assert "DiT-Q/2 auto dots 256 failed" in second

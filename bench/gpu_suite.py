@@ -33,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from xray_dit import sharding
@@ -42,6 +41,7 @@ from xray_dit import sharding
 PEAK_TFLOPS = {"H200": 783.0, "H100": 790.0}
 # HBM bandwidth from NVIDIA's data sheets (H100 SXM5 80 GB HBM3, H200 141 GB HBM3e), TB/s.
 PEAK_TBPS = {"H200": 4.8, "H100": 3.35}
+PROFILE_STEPS = 5   # steps traced after the timed ones
 TINY_VAE = dict(in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1)
 TINY_DIT = dict(hidden_size=64, depth=2, num_heads=4)
 
@@ -95,7 +95,7 @@ def _costs(compiled) -> dict:
 def _time(fn, *args, steps: int, donate_first: bool = False, profile_dir: str = ""):
     """Compile time, seconds per call over `steps` calls (the first result fed back if donating), XLA's costs.
 
-    With `profile_dir`, 5 more calls run under the profiler after the timed ones.
+    With `profile_dir`, PROFILE_STEPS more calls run under the profiler after the timed ones.
     """
     start = time.perf_counter()
     compiled = jax.jit(fn, donate_argnums=(0,) if donate_first else ()).lower(*args).compile()
@@ -122,9 +122,6 @@ def _time(fn, *args, steps: int, donate_first: bool = False, profile_dir: str = 
                 call()
             jax.block_until_ready(out)
     return compile_s, seconds, costs
-
-
-PROFILE_STEPS = 5
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class TrainTask:
     init_params: Callable[[jax.Array], Params]    # rng -> params (with logical-axis boxes)
     loss_fn: LossFn
     train: ml_collections.ConfigDict              # config.<task>.train
-    data: Iterator[Batch]                         # checkpointable (Grain) iterator of numpy batches
+    data: grain.DatasetIterator                   # iter() of a grain.IterDataset of numpy batches
     # state -> scalars; called every train.eval_every steps and at the end. May write artefacts.
     evaluate: Callable[[dict, int], Mapping[str, float]] | None = None
     # Parameters to start from (imported/pretrained), same tree as init_params' output (unboxed).
@@ -175,9 +175,6 @@ class _GlobalBatches(grain.DatasetIterator):
 
     def set_state(self, state) -> None:
         self._parent.set_state(state)
-
-    def close(self) -> None:
-        self._parent.close()
 
 
 def _device_batches(data: grain.DatasetIterator, mesh, prefetch: int) -> grain.DatasetIterator:

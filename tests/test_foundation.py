@@ -168,6 +168,20 @@ def test_checkpoint_roundtrip_is_bit_identical_including_iterator(tmp_path):
     assert checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=1).restore_config() == {"a": 1}
 
 
+def test_relative_checkpoint_and_export_paths_work(tmp_path, monkeypatch):
+    # The README's quickstart passes --workdir=workdir/quickstart; Orbax itself only takes absolute paths.
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(3.0)}
+    ckpt = checkpoint.Checkpointer("work/ckpt", every_steps=1, async_save=False)
+    assert ckpt.save(1, state)
+    ckpt.close()
+    restored, step = checkpoint.Checkpointer("work/ckpt", every_steps=1).restore(state)
+    assert step == 1 and np.array_equal(restored["w"], state["w"])
+    checkpoint.save_export("work/export", state, {"kind": "toy"})
+    params, info = checkpoint.load_export("work/export", state, kind="toy")
+    assert np.array_equal(params["w"], state["w"]) and (tmp_path / "work" / "export" / "model.json").exists()
+
+
 def test_checkpoint_keeps_last_k_and_restores_onto_another_mesh(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=1, keep=2, async_save=False)
     state = _state(sharding.make_mesh((1, 8, 1)))

@@ -9,6 +9,7 @@ favour of the one before it.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -22,6 +23,13 @@ from etils import epath
 
 class IncompatibleCheckpointError(RuntimeError):
     """The workdir holds checkpoints of a different model/config than the one being run."""
+
+
+def _absolute(directory: str | epath.PathLike) -> epath.Path:
+    """Orbax refuses relative paths; a local relative one (e.g. `--workdir=workdir/quickstart`) is made
+    absolute against the current folder. Bucket URLs (gs://...) are absolute already."""
+    text = os.fspath(directory)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def _abstract(tree: Any) -> Any:
@@ -38,7 +46,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | epath.PathLike, *, every_steps: int, keep: int = 3,
                  async_save: bool = True):
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(directory)
         self.every_steps = int(every_steps)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
@@ -186,7 +194,7 @@ EXPORT_INFO = "model.json"
 def save_export(directory: str | epath.PathLike, params: Any, info: dict) -> epath.Path:
     """Writes params (Orbax, atomically) and `info` (kind, model fields, scaling factor, provenance)."""
     import json
-    directory = epath.Path(directory)
+    directory = _absolute(directory)
     target = directory / "params"
     if jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)
@@ -206,7 +214,7 @@ def save_export(directory: str | epath.PathLike, params: Any, info: dict) -> epa
 
 def load_export_info(directory: str | epath.PathLike) -> dict:
     import json
-    directory = epath.Path(directory)
+    directory = _absolute(directory)
     path = directory / EXPORT_INFO
     if not path.exists() or not (directory / "params").exists():
         raise FileNotFoundError(
@@ -218,7 +226,7 @@ def load_export_info(directory: str | epath.PathLike) -> dict:
 
 def load_export(directory: str | epath.PathLike, target: Any = None, *, kind: str | None = None) -> tuple[Any, dict]:
     """Returns (params, info). `target` (abstract or concrete tree) gives shapes and shardings."""
-    directory = epath.Path(directory)
+    directory = _absolute(directory)
     info = load_export_info(directory)
     if kind is not None and info.get("kind") != kind:
         raise IncompatibleCheckpointError(f"{directory} holds a {info.get('kind')!r} model, not a {kind!r} model")

@@ -360,6 +360,22 @@ def test_phantom_builder_matches_the_cohort_and_is_deterministic(tmp_path):
     assert first.info.metadata["labels"] == list(phantom.LABELS)
 
 
+def test_phantom_any_count_config_prepares_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "xray_dit.data.builders.prepare", "--dataset=cxr_phantom/16_n12",
+                             f"--data_dir={tmp_path}", "--workers=0"],
+                            cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    prepared = builders.load_prepared("cxr_phantom", "16_n12", data_dir=tmp_path)
+    assert prepared.info.splits.total_num_examples == 12 and builders.image_size(prepared) == 16
+    config = cxr_phantom.CxrPhantom.named_config("64_n300")
+    assert (config.size, config.num_images, config.seed) == (64, 300, 0)
+    assert cxr_phantom.CxrPhantom.named_config("128_10k").num_images == 10_000
+    with pytest.raises(ValueError, match="<size>_n<count>"):
+        builders.get_builder("cxr_phantom", "64_x300", data_dir=tmp_path)
+    with pytest.raises(ValueError, match=">= 16"):
+        builders.get_builder("cxr_phantom/8_n300", data_dir=tmp_path)
+
+
 def test_interrupted_prepare_leaves_no_dataset_that_looks_complete(tmp_path):
     script = f"""
 import os, signal

@@ -14,9 +14,9 @@ from configs import quickstart
 from xray_dit.data import builders, phantom
 from xray_dit.data.builders import cxr_phantom
 
-# The 300-image phantom at 64 px that `train/common._builder_config` knows by name.
+# The 300-image phantom at 64 px, by a name the phantom builder knows (`<size>_n<count>`).
 PHANTOM_NAME = "64_n300"
-PHANTOM_SIZE, PHANTOM_COUNT = 64, 300
+PHANTOM_SIZE = 64
 
 # Balanced Cardiomegaly, clean labels, hearts far from the 0.5 threshold: an easy task a tiny ViT can
 # solve in a few hundred CPU steps, so an AUC well below 1 there means the classifier trainer is broken.
@@ -27,10 +27,8 @@ EASY_COUNT = 800
 
 
 def prepare_phantom(data_dir: str | os.PathLike) -> None:
-    """The `64_n300` phantom, exactly as `train/common.ensure_prepared` would make it, without workers."""
-    config = cxr_phantom.PhantomConfig(name=PHANTOM_NAME, size=PHANTOM_SIZE, num_images=PHANTOM_COUNT,
-                                       description=f"{PHANTOM_COUNT} phantom images at {PHANTOM_SIZE}x{PHANTOM_SIZE}")
-    builders.prepare("cxr_phantom", config, data_dir=data_dir, prepare_workers=0)
+    """The `64_n300` phantom, exactly as a trainer would prepare it, without workers."""
+    builders.prepare("cxr_phantom", PHANTOM_NAME, data_dir=data_dir, prepare_workers=0)
 
 
 def prepare_easy_phantom(data_dir: str | os.PathLike) -> None:

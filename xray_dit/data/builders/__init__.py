@@ -3,7 +3,7 @@
     nih_chestxray14   configs "64", "256", "256_pa", ...      manual download (see README "Data")
     chexpert          configs "224", "224_ones", "224_zeros"  manual download
     medmnist          configs "chestmnist_64", ...            manual download (npz files)
-    cxr_phantom       configs "64", "64_10k", ...             generated here, no download
+    cxr_phantom       configs "64", "64_10k", ..., "64_n300"   generated here, no download
 
 Prepare once (`prepare` below, or `python -m xray_dit.data.builders.prepare`), then read with
 `xray_dit.data.pipeline` (or `tfds.data_source("<name>/<config>", split=..., data_dir=...)`).
@@ -45,10 +45,8 @@ def get_builder(name: str, builder_config: str | tfds.core.BuilderConfig | None 
     if name not in BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
     cls = BUILDERS[name]
-    known = [c.name for c in cls.BUILDER_CONFIGS]
-    if isinstance(builder_config, str) and builder_config not in known:
-        raise ValueError(f"{name} has no builder config {builder_config!r}; known: {known} "
-                         f"(or pass a {type(cls.BUILDER_CONFIGS[0]).__name__} object)")
+    if isinstance(builder_config, str) and builder_config:
+        builder_config = cls.named_config(builder_config)
     if not data_dir:
         raise ValueError("data_dir is empty: say where prepared datasets live (e.g. <workdir>/tfds)")
     return cls(config=builder_config or None, data_dir=os.fspath(data_dir))

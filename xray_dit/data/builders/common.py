@@ -303,6 +303,15 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(file_format=file_format, **kwargs)
         self._report = PrepareReport(dataset=f"{self.name}/{self.builder_config.name}")
 
+    @classmethod
+    def named_config(cls, name: str) -> tfds.core.BuilderConfig:
+        """The builder config called `name`, or a ValueError that lists the names this builder knows."""
+        for config in cls.BUILDER_CONFIGS:
+            if config.name == name:
+                return config
+        raise ValueError(f"{cls.name} has no builder config {name!r}; known: {[c.name for c in cls.BUILDER_CONFIGS]} "
+                         f"(or pass a {type(cls.BUILDER_CONFIGS[0]).__name__} object)")
+
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.LABELS)

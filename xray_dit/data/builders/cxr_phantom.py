@@ -6,12 +6,14 @@ always prepares the same bytes.
 Labels: phantom.LABELS = ("Cardiomegaly", "Effusion", "Nodule", "No Finding"), as recorded (with
 the spec's label noise). Extras: `ctr` (true cardiothoracic ratio), `true_labels` (noise-free).
 Configs: `"<size>"` = 3,000 images (the quickstart), `"<size>_10k"`, `"<size>_100k"`, sizes 64/128/256;
-build a `PhantomConfig` for other counts, seeds or `PhantomSpec`s.
+`"<size>_n<count>"` (e.g. `"64_n300"`) for any size >= 16 and count; build a `PhantomConfig` for other
+seeds or `PhantomSpec`s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -21,6 +23,7 @@ from xray_dit.data.builders import common
 
 SIZES = (64, 128, 256)
 _COUNTS = {"": 3_000, "_10k": 10_000, "_100k": 100_000}
+_ANY_COUNT = re.compile(r"(\d+)_n(\d+)")   # "<size>_n<count>"
 
 
 @dataclasses.dataclass(eq=False)
@@ -49,6 +52,22 @@ class CxrPhantom(common.CxrBuilder):
                        for size in SIZES for suffix, count in _COUNTS.items()]
     DEFAULT_CONFIG_NAME = "64"
     DESCRIPTION = "Procedural frontal chest radiographs (xray_dit.data.phantom) with a known CTR."
+
+    @classmethod
+    def named_config(cls, name: str) -> PhantomConfig:
+        """A listed config, or `<size>_n<count>`: `count` images at `size` px, the default seed and spec."""
+        match = _ANY_COUNT.fullmatch(name)
+        if not match:
+            try:
+                return super().named_config(name)
+            except ValueError as e:
+                raise ValueError(f"{e}, or <size>_n<count> for any count, e.g. 64_n300") from None
+        size, count = int(match.group(1)), int(match.group(2))
+        if size < 16 or count < 1:
+            raise ValueError(f"cxr_phantom config {name!r}: the size must be >= 16 px and the count >= 1, "
+                             f"e.g. 64_n300")
+        return PhantomConfig(name=name, size=size, num_images=count,
+                             description=f"{count} phantom images at {size}x{size}")
 
     def _extra_features(self):
         return {"ctr": tfds.features.Scalar(dtype=np.float32),

@@ -88,3 +88,17 @@ def test_nn_pairs(artifacts_dir):
                                    artifacts_dir / "nn_pairs.png"))
     with pytest.raises(ValueError, match="as many neighbours"):
         plots.plot_nn_pairs(synthetic, train[:3], np.zeros(4), artifacts_dir / "bad.png")
+
+
+def test_save_grid_keeps_every_pixel(tmp_path):
+    images = plots.to_uint8(np.stack([np.full((4, 3, 1), -1.0), np.full((4, 3, 1), 1.0), np.zeros((4, 3, 1))]))
+    assert images.dtype == np.uint8 and images.shape == (3, 4, 3)
+    assert [int(image[0, 0]) for image in images] == [0, 255, 128]
+    path = plots.save_grid(images, tmp_path / "grid" / "samples.png", ncol=2, pad=1)
+    with Image.open(path) as saved:
+        canvas = np.asarray(saved)
+    assert canvas.shape == (2 * (4 + 1) + 1, 2 * (3 + 1) + 1)
+    np.testing.assert_array_equal(canvas[1:5, 1:4], images[0])
+    np.testing.assert_array_equal(canvas[1:5, 5:8], images[1])
+    np.testing.assert_array_equal(canvas[6:10, 1:4], images[2])
+    assert (canvas[6:10, 5:8] == 255).all()   # the unused cell stays background

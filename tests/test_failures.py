@@ -265,7 +265,7 @@ def test_study_killed_in_the_report_phase_redoes_only_that_phase(tmp_path, monke
             return {"phase": phase}
         return run
     monkeypatch.setattr(phases, "_phase_functions", lambda: {p: fake(p) for p in phases.PHASES})
-    monkeypatch.setattr(phases.common, "ensure_prepared", lambda config, workdir: workdir / "tfds")
+    monkeypatch.setattr(phases.prepared, "ensure_prepared", lambda config, workdir: workdir / "tfds")
     path_class = type(epath.Path("/"))
     rename = path_class.rename
 

@@ -4,8 +4,8 @@ One run (module-scoped) of all nine phases on a 400-image phantom with tiny mode
 record which split every image pass reads and which rows the statistics receive.
 """
 
+import collections
 import inspect
-import json
 
 import numpy as np
 import pytest
@@ -14,8 +14,9 @@ from tests.helpers import tiny_configs
 from xray_dit.data import phantom
 from xray_dit.data.builders import cxr_phantom
 from xray_dit.evaluation import classification, privacy
-from xray_dit.study import phases
-from xray_dit.train import common
+from xray_dit.study import context as context_lib
+from xray_dit.study import phases, probe
+from xray_dit.train import eval_pass
 from xray_dit.train.classifier import read_predictions
 
 MICRO_NAME = "64_micro"
@@ -42,7 +43,7 @@ def study(tmp_path_factory):
                                                               spec=MICRO_SPEC), data_dir=data_dir,
                      prepare_workers=0)
     reads, bootstrap_calls, threshold_calls = [], [], []
-    original_passes = common.eval_passes
+    original_passes = eval_pass.eval_passes
     original_boot = classification.bootstrap_auc_ci
     original_threshold = privacy.privacy_threshold
 
@@ -60,7 +61,7 @@ def study(tmp_path_factory):
         return original_threshold(heldout_to_train_distances=heldout_to_train_distances, percentile=percentile)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "eval_passes", spy_passes)
+        patch.setattr(eval_pass, "eval_passes", spy_passes)
         patch.setattr(classification, "bootstrap_auc_ci", spy_bootstrap)
         patch.setattr(privacy, "privacy_threshold", spy_threshold)
         config = micro_config(data_dir)
@@ -72,8 +73,8 @@ def study(tmp_path_factory):
 
 def test_every_phase_finished_and_left_its_artefacts(study):
     workdir = study["workdir"]
-    for phase in phases.PHASES:
-        assert (workdir / phase / phases.MARKER).exists(), phase
+    for phase in context_lib.PHASES:
+        assert (workdir / phase / context_lib.MARKER).exists(), phase
     for path in ["report.md", "report.html", "01_baseline/seed_0/predictions_test.csv", "01_baseline/seed_1/roc_test.png",
                  "02_vae/export/model.json", "03_dit/export/model.json", "04_generate/samples/manifest.csv",
                  "05_filter/per_sample.json", "05_filter/oversampled_real/manifest.csv",
@@ -121,6 +122,13 @@ def test_privacy_threshold_comes_from_held_out_validation_images(study):
     assert filt["threshold_sources"]["privacy"].startswith("validation")
 
 
+def test_filter_and_privacy_phases_read_each_split_once(study):
+    """05_filter and 08_privacy share the image sets their context read first, instead of reading them again."""
+    shared_readers = {"run_filters", "privacy_and_quality"}
+    reads = collections.Counter(split for split, callers in study["reads"] if callers & shared_readers)
+    assert reads == {"train": 1, "validation": 1, "test": 1}
+
+
 def test_no_test_image_is_used_for_filtering_thresholds_or_selection(study):
     test_reads = [callers for split, callers in study["reads"] if split == "test"]
     assert test_reads, "the test split was never evaluated"
@@ -153,11 +161,11 @@ def test_rerun_skips_done_phases_and_rerun_from_repeats_the_tail(study, monkeypa
     config = micro_config(study["data_dir"])
     phases.run(config, study["workdir"])
     assert calls == []
-    report_before = (study["workdir"] / "09_report" / phases.MARKER).read_text()
+    report_before = (study["workdir"] / "09_report" / context_lib.MARKER).read_text()
     config.study.rerun_from = "report"
     phases.run(config, study["workdir"])
     assert calls == ["09_report"]
-    assert (study["workdir"] / "09_report" / phases.MARKER).read_text() != report_before
+    assert (study["workdir"] / "09_report" / context_lib.MARKER).read_text() != report_before
     config.study.rerun_from = "no_such_phase"
     with pytest.raises(ValueError, match="not a phase"):
         phases.run(config, study["workdir"])
@@ -175,3 +183,26 @@ def test_filters_on_constructed_sets():
     assert d[0] == pytest.approx(0.0, abs=1e-9) and d[1] == pytest.approx(0.0, abs=1e-9)
     loo = filters.kth_neighbour_distance(reference, reference, 1, exclude_self=True)
     assert np.all(loo > 0)
+
+
+def test_context_computes_each_shared_thing_once(tmp_path, monkeypatch):
+    calls = collections.Counter()
+
+    def counted(name, value):
+        def make(*args, **kwargs):
+            calls[(name, args[2] if name == "real" else None, kwargs.get("only_class"))] += 1
+            return value
+        return make
+    monkeypatch.setattr(probe, "real_images", counted("real", "images"))
+    monkeypatch.setattr(probe, "synthetic_images", counted("synthetic", "generated"))
+    monkeypatch.setattr(probe, "ClassifierProbe", counted("probe", "classifier"))
+    config = tiny_configs.tiny_config(tmp_path)
+    context = context_lib.StudyContext(config=config, workdir=tmp_path, mesh=None,
+                                       results={"04_generate": {"out_dir": str(tmp_path / "samples")}})
+    for _ in range(2):
+        assert context.real_images("train") == "images"
+        assert context.real_images("test", only_class="Cardiomegaly") == "images"
+        assert context.synthetic_images() == "generated" and context.probe() == "classifier"
+    assert calls == {("real", "train", None): 1, ("real", "test", "Cardiomegaly"): 1, ("synthetic", None, None): 1,
+                     ("probe", None, None): 1}
+

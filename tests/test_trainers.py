@@ -26,7 +26,7 @@ from xray_dit.diffusion import schedules
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import vae as vae_lib
-from xray_dit.train import classifier, common, dit, sample, vae
+from xray_dit.train import classifier, dit, eval_pass, sample, vae
 
 TINY_DIT_STEPS = 20
 FIRST_STEPS_COMPARED = 5
@@ -275,8 +275,8 @@ def test_classifier_end_to_end_writes_test_artefacts(data_dir, tmp_path, monkeyp
     config = tiny_configs.tiny_config(data_dir)
     config.task = "train_classifier"
     passes = []
-    original = common.run_over_split
-    monkeypatch.setattr(common, "run_over_split", lambda *a, **k: passes.append(a[4]) or original(*a, **k))
+    original = eval_pass.run_over_split
+    monkeypatch.setattr(eval_pass, "run_over_split", lambda *a, **k: passes.append(a[4]) or original(*a, **k))
     results = classifier.train_classifier(config, tmp_path)   # the default mesh: 8 devices, data parallel
     names = tuple(config.data.labels)
     # Validation at steps 10 and 20 chooses the kept parameters; the final report reuses those predictions.

@@ -191,6 +191,11 @@ def _jsonable_config(config: ml_collections.ConfigDict) -> dict:
 EXPORT_INFO = "model.json"
 
 
+def export_dir(workdir: str | epath.PathLike) -> epath.Path:
+    """Where a training run in `workdir` writes its export."""
+    return epath.Path(workdir) / "export"
+
+
 def save_export(directory: str | epath.PathLike, params: Any, info: dict) -> epath.Path:
     """Writes params (Orbax, atomically) and `info` (kind, model fields, scaling factor, provenance)."""
     import json

@@ -1,18 +1,23 @@
 """Every figure of the project. Each function writes one PNG (120 dpi) and returns its path.
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly, never through pyplot: no
-global backend switch, no display needed, and nothing left open between calls.
+global backend switch, no display needed, and nothing left open between calls. `save_grid` is the
+exception: a pixel-exact grid of samples (no axes, no resampling) written with PIL, as the trainers log it.
 """
 
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import Mapping, Sequence
 
 import numpy as np
+from absl import logging
+from etils import epath
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 DPI = 120
 
@@ -216,3 +221,28 @@ def plot_training_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] float images (N, H, W, 1) or (N, H, W) → uint8 (N, H, W)."""
+    images = np.asarray(images, np.float32)
+    if images.ndim == 4:
+        images = images[..., 0]
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_grid(images_uint8: np.ndarray, path: epath.PathLike, *, ncol: int | None = None, pad: int = 2) -> epath.Path:
+    """A grayscale grid PNG of (N, H, W) uint8 images, pixel for pixel, on a white background."""
+    n, h, w = images_uint8.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad), 255, np.uint8)
+    for i, image in enumerate(images_uint8):
+        r, c = divmod(i, ncol)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = image
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        Image.fromarray(canvas).save(f, format="PNG")
+    logging.info("wrote %s", path)
+    return path

@@ -15,7 +15,7 @@ from etils import epath
 
 from xray_dit.evaluation import classification, ctr_oracle, plots, privacy, synthesis
 from xray_dit.study import filters, probe
-from xray_dit.study.phases import StudyContext
+from xray_dit.study.context import StudyContext
 from xray_dit.train.classifier import read_predictions
 
 BASELINE = "real only"
@@ -132,12 +132,12 @@ def privacy_and_quality(context: StudyContext) -> dict:
     target = config.data.target_class
     t = names.index(target)
     thresholds = context.results["05_filter"]["thresholds"]
-    probe_model = probe.ClassifierProbe(context)
+    probe_model = context.probe()
 
-    synthetic = probe.synthetic_images(context.results["04_generate"]["out_dir"], names)   # before filtering
-    train = probe.real_images(context, "train")
-    heldout = probe.real_images(context, "validation")
-    test_minority = probe.real_images(context, "test", only_class=target)
+    synthetic = context.synthetic_images()   # before filtering
+    train = context.real_images("train")
+    heldout = context.real_images("validation")
+    test_minority = context.real_images("test", only_class=target)
     train_minority = train.subset(train.labels[:, t] == 1)
     heldout_minority = heldout.subset(heldout.labels[:, t] == 1)
 

@@ -22,7 +22,7 @@ from absl import logging
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.evaluation import plots, privacy
 from xray_dit.study import probe
-from xray_dit.study.phases import StudyContext
+from xray_dit.study.context import StudyContext
 
 REALISM_K = 5
 MAX_EXAMPLES = 8
@@ -62,11 +62,11 @@ def run_filters(context: StudyContext) -> dict:
     target = config.data.target_class
     labels = list(config.data.labels)
     t = labels.index(target)
-    probe_model = probe.ClassifierProbe(context)
+    probe_model = context.probe()
 
-    synthetic = probe.synthetic_images(context.results["04_generate"]["out_dir"], labels)
-    train = probe.real_images(context, "train")
-    heldout = probe.real_images(context, "validation")
+    synthetic = context.synthetic_images()
+    train = context.real_images("train")
+    heldout = context.real_images("validation")
     minority = train.subset(train.labels[:, t] == 1)
     if len(minority) < 2:
         raise ValueError(f"only {len(minority)} training images of {target!r}: too few to judge realism")

@@ -18,10 +18,9 @@ filter, threshold or model selection ever reads it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import ml_collections
@@ -29,31 +28,12 @@ from absl import logging
 from etils import epath
 
 from xray_dit import sharding
-from xray_dit.train import common
-
-PHASES = ("01_baseline", "02_vae", "03_dit", "04_generate", "05_filter", "06_retrain", "07_compare",
-          "08_privacy", "09_report")
-MARKER = "DONE.json"
-
-
-@dataclasses.dataclass
-class StudyContext:
-    config: ml_collections.ConfigDict     # with data.data_dir pinned to the study's prepared data
-    workdir: epath.Path
-    mesh: Any
-    results: dict[str, Any]               # phase name → its result (from its marker)
-
-    def phase_dir(self, phase: str) -> epath.Path:
-        return self.workdir / phase
-
-    def with_seed(self, seed: int) -> ml_collections.ConfigDict:
-        config = ml_collections.ConfigDict(self.config.to_dict())
-        config.seed = int(seed)
-        return config
+from xray_dit.data import prepared
+from xray_dit.study import analysis, filters, report, training
+from xray_dit.study.context import MARKER, PHASES, StudyContext
 
 
 def _phase_functions() -> dict[str, Callable[[StudyContext], dict]]:
-    from xray_dit.study import analysis, filters, report, training
     return {"01_baseline": training.baseline, "02_vae": training.vae, "03_dit": training.dit,
             "04_generate": training.generate, "05_filter": filters.run_filters, "06_retrain": training.retrain,
             "07_compare": analysis.compare, "08_privacy": analysis.privacy_and_quality, "09_report": report.write_report}
@@ -84,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         config.data.data_dir = str(workdir / "tfds")
     _resolve_rerun(workdir, config.study.rerun_from)
     mesh = sharding.make_mesh(config.mesh.shape)
-    common.ensure_prepared(config, workdir)
+    prepared.ensure_prepared(config, workdir)
     context = StudyContext(config=config, workdir=workdir, mesh=mesh, results={})
     functions = _phase_functions()
     for phase in PHASES:
@@ -108,15 +88,6 @@ def run(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         logging.info("study: %s done in %.1fs", phase, seconds)
     print(f"study complete: {workdir / 'report.md'}")
     return context.results
-
-
-def phase_seconds(workdir: epath.Path) -> dict[str, float]:
-    out = {}
-    for phase in PHASES:
-        marker = workdir / phase / MARKER
-        if marker.exists():
-            out[phase] = float(json.loads(marker.read_text())["seconds"])
-    return out
 
 
 def _json_default(value):

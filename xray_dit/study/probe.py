@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from etils import epath
 from PIL import Image
@@ -13,8 +14,7 @@ from PIL import Image
 from xray_dit import checkpoint, sharding
 from xray_dit.data import pipeline
 from xray_dit.data import synthetic as synthetic_lib
-from xray_dit.study.phases import StudyContext
-from xray_dit.train import common, model_factory
+from xray_dit.train import eval_pass, model_factory
 
 
 @dataclasses.dataclass
@@ -32,12 +32,12 @@ class ImageSet:
         return ImageSet(self.images[keep], self.labels[keep], self.ids[keep], self.patients[keep])
 
 
-def real_images(context: StudyContext, split: str, *, only_class: str | None = None) -> ImageSet:
-    config = context.config
+def real_images(config: ml_collections.ConfigDict, mesh, split: str, *, only_class: str | None = None) -> ImageSet:
+    """Every image of `split` in `config.data.data_dir` (or only those of `only_class`), read once in order."""
     table = pipeline.metadata_table(config.data, split, data_dir=config.data.data_dir)
-    batch_size = common.eval_batch_size(int(config.classifier.train.batch_size), context.mesh)
+    batch_size = eval_pass.eval_batch_size(int(config.classifier.train.batch_size), mesh)
     images, labels, index = [], [], []
-    for batch in common.eval_passes(config, epath.Path(config.data.data_dir), split, batch_size, only_class=only_class):
+    for batch in eval_pass.eval_passes(config, epath.Path(config.data.data_dir), split, batch_size, only_class=only_class):
         valid = batch["valid"].astype(bool)
         images.append(batch["image"][valid][..., 0])
         labels.append(batch["labels"][valid])
@@ -57,10 +57,11 @@ def synthetic_images(folder: str | epath.PathLike, label_names) -> ImageSet:
 
 
 class ClassifierProbe:
-    """The first baseline seed's selected classifier: probabilities and pooled features of any images."""
+    """The first baseline seed's selected classifier (from the study's `results`): probabilities and pooled
+    features of any images."""
 
-    def __init__(self, context: StudyContext):
-        baseline = context.results["01_baseline"]["runs"]
+    def __init__(self, results: dict):
+        baseline = results["01_baseline"]["runs"]
         first = baseline[sorted(baseline, key=int)[0]]
         export = epath.Path(first["workdir"]) / "best"
         info = checkpoint.load_export_info(export)

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from xray_dit.study import analysis, phases
-from xray_dit.study.phases import StudyContext
+from xray_dit.study import analysis
+from xray_dit.study.context import StudyContext, phase_seconds
 
 
 class Report:
@@ -196,7 +196,7 @@ def write_report(context: StudyContext) -> dict:
         report.figure(ctr["figure"], "Cardiothoracic ratio of real and synthetic target-class images (oracle)")
 
     report.h(2, "Phases, timings and configuration")
-    seconds = phases.phase_seconds(context.workdir)
+    seconds = phase_seconds(context.workdir)
     report.table(["phase", "wall time (s)"], [[p, f"{s:.1f}"] for p, s in seconds.items()] +
                  [["total (phases 1–8)", f"{sum(seconds.values()):.1f}"]])
     report.p(f"Devices: {jax.device_count()} × {jax.devices()[0].platform}.")

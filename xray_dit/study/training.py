@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xray_dit.study.phases import StudyContext
+from xray_dit.study.context import StudyContext
 from xray_dit.train import classifier as classifier_trainer
 from xray_dit.train import dit as dit_trainer
 from xray_dit.train import sample as sample_task

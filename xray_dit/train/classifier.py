@@ -24,10 +24,10 @@ from etils import epath
 from flax import traverse_util
 
 from xray_dit import checkpoint, sharding
-from xray_dit.data import pipeline
+from xray_dit.data import pipeline, prepared
 from xray_dit.evaluation import classification, plots
 from xray_dit.models import eva02 as eva02_lib
-from xray_dit.train import common, loop, model_factory
+from xray_dit.train import eval_pass, loop, model_factory
 
 MAX_POS_WEIGHT = 50.0
 
@@ -91,7 +91,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     cfg = config.classifier
     train_cfg = cfg.train
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
-    directory = common.ensure_prepared(config, workdir)
+    directory = prepared.ensure_prepared(config, workdir)
     class_names = tuple(config.data.labels)
     model = model_factory.classifier_from_config(config, num_classes=len(class_names))
     size = int(config.data.image_size)
@@ -124,14 +124,14 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     data = iter(pipeline.make_dataset(config.data, "train", train=True, seed=int(config.seed),
                                       batch_size=int(train_cfg.batch_size), data_dir=directory,
                                       synthetic=synthetic, synthetic_count=synthetic_count))
-    eval_bs = common.eval_batch_size(int(train_cfg.batch_size), mesh)
+    eval_bs = eval_pass.eval_batch_size(int(train_cfg.batch_size), mesh)
 
     @jax.jit
     def predict(params, batch):
         return {"probs": jax.nn.sigmoid(model.apply({"params": params}, batch["image"]))}
 
     def predictions(params, split):
-        return common.run_over_split(predict, params, config, directory, split, mesh, batch_size=eval_bs)
+        return eval_pass.run_over_split(predict, params, config, directory, split, mesh, batch_size=eval_bs)
 
     best_dir = workdir / "best"
     best_info_path = workdir / "best.json"

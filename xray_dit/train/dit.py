@@ -21,9 +21,10 @@ from absl import logging
 from etils import epath
 
 from xray_dit import checkpoint, metric_writer, sharding
-from xray_dit.data import pipeline
+from xray_dit.data import prepared
 from xray_dit.diffusion import losses, samplers, schedules
-from xray_dit.train import common, loop, model_factory
+from xray_dit.evaluation import plots
+from xray_dit.train import eval_pass, loop, model_factory
 
 CACHE_FILE = "latents.array_record"
 CACHE_INFO = "latents.json"
@@ -88,17 +89,17 @@ def build_latent_cache(config: ml_collections.ConfigDict, workdir: epath.Path, v
         logging.warning("latent cache in %s was made from other inputs; rebuilding it", cache_dir)
 
     model, params, scale = load_vae(vae_dir, config, mesh=mesh)
-    directory = common.ensure_prepared(config, workdir)
+    directory = prepared.ensure_prepared(config, workdir)
 
     @jax.jit
     def encode(params, batch):
         mean, logvar = model.apply({"params": params}, batch["image"], method=model.encode)
         return {"mean": mean.astype(jnp.float32), "std": jnp.exp(0.5 * logvar).astype(jnp.float32)}
 
-    batch_size = common.eval_batch_size(int(config.dit.train.batch_size), mesh)
+    batch_size = eval_pass.eval_batch_size(int(config.dit.train.batch_size), mesh)
     labels = list(config.data.labels)
     columns = [labels.index(c) for c in class_names] if class_names else []
-    out = common.run_over_split(encode, params, config, directory, "train", mesh, batch_size=batch_size,
+    out = eval_pass.run_over_split(encode, params, config, directory, "train", mesh, batch_size=batch_size,
                                 only_class=only_class)
     count = len(out["mean"])
     if count == 0:
@@ -233,10 +234,10 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
 
     def sample_grid(state, step):
         params = state.get("ema_params", state["params"])
-        images = common.to_uint8(sharding.global_to_host(grid_sampler(params, vae_params, grid_noise, grid_labels,
+        images = plots.to_uint8(sharding.global_to_host(grid_sampler(params, vae_params, grid_noise, grid_labels,
                                                                       jax.random.PRNGKey(0))))
         if jax.process_index() == 0:
-            common.save_grid(images, workdir / "samples" / f"step_{step:07d}.png", ncol=4)
+            plots.save_grid(images, workdir / "samples" / f"step_{step:07d}.png", ncol=4)
             writer = metric_writer.MetricWriter(workdir / "tensorboard")
             writer.write_images(step, {"dit/samples_ema": images[..., None]})
             writer.close()
@@ -253,8 +254,8 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
             "scaling_factor": scale, "noise_schedule": config.dit.noise_schedule,
             "diffusion_steps": int(config.dit.diffusion_steps), "class_names": list(class_names),
             "target_class": target, "trained_steps": int(state["step"]), "weights": "ema" if "ema_params" in state else "raw"}
-    checkpoint.save_export(common.export_dir(workdir), params, info)
-    return {"export": str(common.export_dir(workdir)), "latents": cache["count"], "steps": int(state["step"])}
+    checkpoint.save_export(checkpoint.export_dir(workdir), params, info)
+    return {"export": str(checkpoint.export_dir(workdir)), "latents": cache["count"], "steps": int(state["step"])}
 
 
 def run(config, workdir):

@@ -22,10 +22,10 @@ from absl import logging
 from etils import epath
 
 from xray_dit import checkpoint, metric_writer, sharding
-from xray_dit.data import pipeline
-from xray_dit.evaluation import ctr_oracle, synthesis
+from xray_dit.data import pipeline, prepared
+from xray_dit.evaluation import ctr_oracle, plots, synthesis
 from xray_dit.models import vae as vae_lib
-from xray_dit.train import common, loop, model_factory
+from xray_dit.train import eval_pass, loop, model_factory
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
     workdir = epath.Path(workdir)
     cfg = config.vae
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
-    directory = common.ensure_prepared(config, workdir)
+    directory = prepared.ensure_prepared(config, workdir)
     model = model_factory.vae_from_config(config)
     size = int(config.data.image_size)
     use_gan = int(cfg.gan_start_step) >= 0
@@ -126,7 +126,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
     train_cfg = cfg.train
     data = iter(pipeline.make_dataset(config.data, "train", train=True, seed=int(config.seed),
                                       batch_size=int(train_cfg.batch_size), data_dir=directory))
-    eval_bs = common.eval_batch_size(int(train_cfg.batch_size), mesh)
+    eval_bs = eval_pass.eval_batch_size(int(train_cfg.batch_size), mesh)
 
     @jax.jit
     def reconstruct(params, batch):
@@ -136,15 +136,15 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
     latest_eval: dict = {}
 
     def evaluate(state, step):
-        out = common.run_over_split(reconstruct, state["params"], config, directory, "validation", mesh,
+        out = eval_pass.run_over_split(reconstruct, state["params"], config, directory, "validation", mesh,
                                     batch_size=eval_bs, keys=("index",))
         images, recon = out["image"][..., 0], out["recon"][..., 0]
         metrics = {"psnr": float(np.mean(psnr(images, recon))),
                    "ssim": float(np.mean([synthesis.ssim(a, b, value_range=(-1.0, 1.0)) for a, b in zip(images[:256], recon[:256])]))}
         if jax.process_index() == 0:
             n = min(8, len(images))
-            pairs = np.concatenate([common.to_uint8(images[:n]), common.to_uint8(recon[:n])])
-            common.save_grid(pairs, workdir / "reconstructions" / f"step_{step:07d}.png", ncol=n)
+            pairs = np.concatenate([plots.to_uint8(images[:n]), plots.to_uint8(recon[:n])])
+            plots.save_grid(pairs, workdir / "reconstructions" / f"step_{step:07d}.png", ncol=n)
         if config.data.name == "cxr_phantom":
             metrics.update(ctr_preservation(images, recon))
         latest_eval.clear()
@@ -160,7 +160,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
     scale = latent_scaling_factor(model, state["params"], config, directory, mesh, batch_size=eval_bs)
     info = {"kind": "vae", "model": model_factory.model_fields(model), "scaling_factor": scale,
             "trained_steps": int(state["step"]), "init_from": cfg.init_from, "eval": final}
-    checkpoint.save_export(common.export_dir(workdir), state["params"]["vae"], info)
+    checkpoint.save_export(checkpoint.export_dir(workdir), state["params"]["vae"], info)
     if jax.process_index() == 0:
         (workdir / "vae_eval.json").write_text(json.dumps(info | {"model": None}, indent=2))
         writer = metric_writer.MetricWriter(workdir / "tensorboard")
@@ -168,7 +168,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
                              | {"vae/scaling_factor": scale})
         writer.close()
     logging.info("VAE done: %s, scaling factor %.5f", final, scale)
-    return {"export": str(common.export_dir(workdir)), "scaling_factor": scale, **final}
+    return {"export": str(checkpoint.export_dir(workdir)), "scaling_factor": scale, **final}
 
 
 def ctr_preservation(images: np.ndarray, recon: np.ndarray, tolerance: float = 0.03) -> dict:
@@ -190,7 +190,7 @@ def latent_scaling_factor(model, params, config, directory, mesh, *, batch_size:
         return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
 
     latents = []
-    for batch in common.eval_passes(config, directory, "train", batch_size):
+    for batch in eval_pass.eval_passes(config, directory, "train", batch_size):
         global_batch = sharding.host_to_global(batch, mesh)
         z = sharding.global_to_host(sample_latents(params, global_batch))
         latents.append(z[batch["valid"].astype(bool)] if jax.process_count() == 1 else z)

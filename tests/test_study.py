@@ -16,6 +16,7 @@ from xray_dit.data.builders import cxr_phantom
 from xray_dit.evaluation import classification, privacy
 from xray_dit.study import context as context_lib
 from xray_dit.study import phases, probe
+from xray_dit.study import report as report_lib
 from xray_dit.train import eval_pass
 from xray_dit.train.classifier import read_predictions
 
@@ -87,6 +88,7 @@ def test_every_phase_finished_and_left_its_artefacts(study):
     for section in ["## Answer", "Classifier performance per arm", "Synthetic images and the filters", "## Privacy",
                     "Quality of the synthetic set", "## Limitations", "wall time"]:
         assert section in report
+    assert "p(Cardiomegaly) ≥" in report and "the 1st percentile of held-out" in report
     html = (workdir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6 and "<table>" in html
 
@@ -206,3 +208,10 @@ def test_context_computes_each_shared_thing_once(tmp_path, monkeypatch):
     assert calls == {("real", "train", None): 1, ("real", "test", "Cardiomegaly"): 1, ("synthetic", None, None): 1,
                      ("probe", None, None): 1}
 
+
+def test_report_names_the_target_and_ordinals():
+    assert [report_lib.ordinal(v) for v in (1, 2, 3, 5, 11, 12, 13, 21, 22, 2.5)] == [
+        "1st", "2nd", "3rd", "5th", "11th", "12th", "13th", "21st", "22nd", "2.5th"]
+    thresholds = {"fidelity_probability": 0.5, "realism_knn": 0.1, "privacy_pixel": 0.2, "privacy_feature": 0.3,
+                  "duplicate_correlation": 0.98}
+    assert report_lib._threshold_text("label fidelity", thresholds, "Effusion") == "p(Effusion) ≥ 0.50"

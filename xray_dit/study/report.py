@@ -126,7 +126,7 @@ def write_report(context: StudyContext) -> dict:
                 "membership inference not computed (no held-out images of the class)")
     report.bullets(compare["statements"] + [
         f"Privacy: {100 * priv['memorisation_rate']:.1f} % of generated images are closer to a training image than "
-        f"the {config.study.privacy_percentile:g}st percentile of held-out real images are (memorisation rate, "
+        f"the {ordinal(config.study.privacy_percentile)} percentile of held-out real images are (memorisation rate, "
         f"before filtering); {mia_text}."])
     ctr = priv.get("ctr_oracle")
     if ctr and ctr["measurable"] == 0:
@@ -171,7 +171,7 @@ def write_report(context: StudyContext) -> dict:
     report.p(f"{filt['generated']} images generated, **{filt['accepted']} accepted** by all four filters. "
              "Each criterion on its own:")
     report.table(["filter", "passed", "rejected", "threshold"],
-                 [[name, c["passed"], c["rejected"], _threshold_text(name, filt["thresholds"])]
+                 [[name, c["passed"], c["rejected"], _threshold_text(name, filt["thresholds"], target)]
                   for name, c in filt["criteria"].items()])
     for name, path in filt["reject_examples"].items():
         report.figure(path, f"Examples rejected by the {name} filter")
@@ -212,8 +212,17 @@ def write_report(context: StudyContext) -> dict:
     return {"markdown": str(md_path), "html": str(html_path)}
 
 
-def _threshold_text(name: str, thresholds: dict) -> str:
-    return {"label fidelity": f"p({'target'}) ≥ {thresholds['fidelity_probability']:.2f}",
+def ordinal(value: float) -> str:
+    """A percentile's ordinal: 1 → "1st", 5 → "5th", 22 → "22nd", 2.5 → "2.5th"."""
+    if value != int(value):
+        return f"{value:g}th"
+    number = int(value)
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+def _threshold_text(name: str, thresholds: dict, target: str) -> str:
+    return {"label fidelity": f"p({target}) ≥ {thresholds['fidelity_probability']:.2f}",
             "realism": f"k-NN cosine distance ≤ {thresholds['realism_knn']:.4f}",
             "privacy": f"pixel ≥ {thresholds['privacy_pixel']:.4f} and feature ≥ {thresholds['privacy_feature']:.4f}",
             "duplicates": f"pixel correlation ≤ {thresholds['duplicate_correlation']:.2f}"}[name]

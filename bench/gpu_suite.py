@@ -24,12 +24,14 @@ do not compile DiT-B/2 again (compile times in the table are first compiles).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -323,10 +325,115 @@ def _run_dit_row(spec: str, tiny: bool, profile_dir: str = "") -> dict | str:
     return json.loads(line[0][7:]) if line else proc.stderr[-1500:]
 
 
-def main():
+@dataclasses.dataclass
+class _Suite:
+    """What every part needs: the settings of this run, its results so far, and the clock against the budget."""
+    args: argparse.Namespace
+    dtype: Any
+    attention: str
+    latent: int
+    big: int          # the batch of the EVA-02, loop and pipeline parts
+    out_dir: str
+    work_dir: str     # bulky working files, outside out_dir
+    results: dict
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def tiny(self) -> bool:
+        return self.args.tiny
+
+    def left(self, what: str) -> bool:
+        """Whether the budget allows starting `what`; if not, a note says it was skipped."""
+        if time.perf_counter() - self.start < self.args.budget_s:
+            return True
+        self.results["notes"].append(f"skipped {what}: the time budget ({self.args.budget_s:.0f} s) was spent")
+        return False
+
+    def save(self) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.results["wall_s"] = time.perf_counter() - self.start
+        with open(self.args.out, "w") as f:
+            json.dump(self.results, f, indent=2, default=float)
+
+
+def _part_dit(suite: _Suite) -> None:
+    """The DiT rows, each in its own process; a row without remat that fails is retried with remat "dots"."""
+    from bench import profile_summary
+    args, results = suite.args, suite.results
+    rows = [tuple(r.split(":")) for r in args.dit_rows.split(",")] if args.dit_rows else DIT_ROWS
+    trace_dir = os.path.join(suite.work_dir, "trace")
+    for i, (name, attn, remat, batch) in enumerate(rows):
+        if not suite.left(f"{name} {attn} {remat} {batch}"):
+            break
+        profile = trace_dir if i == 0 else ""
+        result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", suite.tiny, profile)
+        if isinstance(result, str) and remat == "none":   # most likely out of memory: recompute instead
+            results["notes"].append(f"{name} batch {batch} without remat failed: {result[-300:]}")
+            remat = "dots"
+            result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", suite.tiny, profile)
+        if isinstance(result, str):
+            results["notes"].append(f"{name} {attn} {remat} {batch} failed: {result[-600:]}")
+        else:
+            results["dit"].append(result)
+            if profile:
+                summary = profile_summary.summarise(profile_summary.load_trace(trace_dir), steps=PROFILE_STEPS)
+                _keep_small_trace(trace_dir, suite.out_dir)
+                results["profile"] = {"run": result, "summary": summary}
+                print(profile_summary.format_table(summary), flush=True)
+        print(result, flush=True)
+        suite.save()
+
+
+def _part_loop(suite: _Suite) -> None:
+    suite.results["loop"] = bench_loop("DiT-B/2", suite.big, suite.latent, suite.attention, suite.dtype, suite.tiny,
+                                       os.path.join(suite.work_dir, "loop_work"))
+    print(suite.results["loop"], flush=True)
+
+
+def _part_eva(suite: _Suite) -> None:
+    suite.results["eva"] = []
+    for size in ((224, 256) if not suite.tiny else (32,)):
+        if suite.left(f"EVA-02 at {size} px"):
+            suite.results["eva"].append(bench_eva(size, suite.big, 10 if not suite.tiny else 2, suite.tiny,
+                                                  suite.attention, suite.dtype))
+            print(suite.results["eva"][-1], flush=True)
+
+
+def _part_pipeline(suite: _Suite) -> None:
+    """The classifier's input pipeline with one Grain worker per core but the one running this process."""
+    from absl import flags
+    from bench import data_pipeline
+    flags.FLAGS.mark_as_parsed()   # Grain's worker processes read absl flags
+    workers = max(1, (os.cpu_count() or 2) - 1)
+    suite.results["pipeline"] = []
+    for size in ((224, 256) if not suite.tiny else (64,)):
+        rate, source = data_pipeline.images_per_second(size, workers=workers, batch_size=suite.big,
+                                                       seconds=8.0 if not suite.tiny else 1.0)
+        suite.results["pipeline"].append({"px": size, "workers": workers, "cores": os.cpu_count(),
+                                          "data": source, "images_per_s": rate})
+        print(suite.results["pipeline"][-1], flush=True)
+
+
+def _part_sample(suite: _Suite) -> None:
+    suite.results["sample"] = bench_sample(500 if not suite.tiny else 4, 50 if not suite.tiny else 3, suite.latent,
+                                           suite.tiny, suite.attention, suite.dtype)
+    print(suite.results["sample"], flush=True)
+
+
+def _part_vae(suite: _Suite) -> None:
+    suite.results["vae_encode"] = bench_vae_encode(64 if not suite.tiny else 2, 256 if not suite.tiny else 32,
+                                                   suite.tiny, suite.dtype)
+    print(suite.results["vae_encode"], flush=True)
+
+
+PARTS: dict[str, Callable[[_Suite], None]] = {"dit": _part_dit, "loop": _part_loop, "eva": _part_eva,
+                                              "pipeline": _part_pipeline, "sample": _part_sample, "vae": _part_vae}
+
+
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench/out/gpu.json")
-    parser.add_argument("--only", default="dit,loop,eva,pipeline,sample,vae")
+    parser.add_argument("--only", default=",".join(PARTS))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--budget_s", type=float, default=540.0, help="start nothing new after this many seconds")
     parser.add_argument("--dit_rows", default="", help="model:attention:remat:batch,... instead of DIT_ROWS")
@@ -334,25 +441,22 @@ def main():
     parser.add_argument("--single", default="", help=argparse.SUPPRESS)  # one DiT row, JSON to stdout
     parser.add_argument("--profile_dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.render:
-        with open(args.render) as f:
-            results = json.load(f)
-        with open(RESULTS_MD, "a") as f:
-            f.write("\n" + render_markdown(results))
-        print(render_markdown(results))
-        return
-    tiny = args.tiny
-    on_gpu = jax.default_backend() == "gpu"
-    dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    attention = "cudnn" if on_gpu else "xla"
-    latent, steps = (32, 20) if not tiny else (8, 2)
-    if args.single:
-        name, attn, remat, batch = args.single.split(":")
-        attn = attention if attn == "auto" else attn
-        batch = int(batch) if not tiny else 8
-        print("RESULT " + json.dumps(bench_dit(name, batch, latent, attn, remat, steps, dtype, tiny,
-                                               profile_dir=args.profile_dir)))
-        return
+    unknown = [part for part in args.only.split(",") if part not in PARTS]
+    if unknown:
+        parser.error(f"unknown part {unknown[0]!r} in --only; choose from {','.join(PARTS)}")
+    return args
+
+
+def _render(path: str) -> None:
+    with open(path) as f:
+        results = json.load(f)
+    with open(RESULTS_MD, "a") as f:
+        f.write("\n" + render_markdown(results))
+    print(render_markdown(results))
+
+
+def _new_suite(args: argparse.Namespace, dtype, attention: str, latent: int) -> _Suite:
+    """The suite's folders and results header; every process shares one persistent compilation cache."""
     out_dir = os.path.dirname(args.out) or "."
     os.makedirs(out_dir, exist_ok=True)
     # Bulky working files (compiled programs, the loop part's checkpoints, the raw trace) stay out of out_dir,
@@ -361,87 +465,37 @@ def main():
     os.makedirs(work_dir, exist_ok=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(work_dir, "jax_cache")  # also for the row processes
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    start = time.perf_counter()
     results = {"device": _device_name(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
                "dtype": jnp.dtype(dtype).name, "peak_tflops": _peak(), "hbm_tbps": _card_value(PEAK_TBPS),
                "command": " ".join(["python -m bench.gpu_suite"] + sys.argv[1:]), "dit": [], "notes": []}
+    return _Suite(args=args, dtype=dtype, attention=attention, latent=latent,
+                  big=256 if not args.tiny else 8, out_dir=out_dir, work_dir=work_dir, results=results)
 
-    def left(what: str) -> bool:
-        if time.perf_counter() - start < args.budget_s:
-            return True
-        results["notes"].append(f"skipped {what}: the time budget ({args.budget_s:.0f} s) was spent")
-        return False
 
-    def save():
-        os.makedirs(out_dir, exist_ok=True)
-        results["wall_s"] = time.perf_counter() - start
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2, default=float)
-
-    rows = ([tuple(r.split(":")) for r in args.dit_rows.split(",")] if args.dit_rows else DIT_ROWS)
-    big = 256 if not tiny else 8
+def main():
+    args = _parse_args()
+    if args.render:
+        _render(args.render)
+        return
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    attention = "cudnn" if on_gpu else "xla"
+    latent, steps = (32, 20) if not args.tiny else (8, 2)
+    if args.single:   # one DiT row, in the process `_run_dit_row` started
+        name, attn, remat, batch = args.single.split(":")
+        attn = attention if attn == "auto" else attn
+        batch = int(batch) if not args.tiny else 8
+        print("RESULT " + json.dumps(bench_dit(name, batch, latent, attn, remat, steps, dtype, args.tiny,
+                                               profile_dir=args.profile_dir)))
+        return
+    suite = _new_suite(args, dtype, attention, latent)
     for part in args.only.split(","):
-        if not left(part):
-            continue
-        if part == "dit":
-            from bench import profile_summary
-            trace_dir = os.path.join(work_dir, "trace")
-            for i, (name, attn, remat, batch) in enumerate(rows):
-                if not left(f"{name} {attn} {remat} {batch}"):
-                    break
-                profile = trace_dir if i == 0 else ""
-                result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", tiny, profile)
-                if isinstance(result, str) and remat == "none":   # most likely out of memory: recompute instead
-                    results["notes"].append(f"{name} batch {batch} without remat failed: {result[-300:]}")
-                    remat = "dots"
-                    result = _run_dit_row(f"{name}:{attn}:{remat}:{batch}", tiny, profile)
-                if isinstance(result, str):
-                    results["notes"].append(f"{name} {attn} {remat} {batch} failed: {result[-600:]}")
-                else:
-                    results["dit"].append(result)
-                    if profile:
-                        summary = profile_summary.summarise(profile_summary.load_trace(trace_dir), steps=PROFILE_STEPS)
-                        _keep_small_trace(trace_dir, out_dir)
-                        results["profile"] = {"run": result, "summary": summary}
-                        print(profile_summary.format_table(summary), flush=True)
-                print(result, flush=True)
-                save()
-        elif part == "loop":
-            results["loop"] = bench_loop("DiT-B/2", big, latent, attention, dtype, tiny,
-                                         os.path.join(work_dir, "loop_work"))
-            print(results["loop"], flush=True)
-        elif part == "eva":
-            results["eva"] = []
-            for size in ((224, 256) if not tiny else (32,)):
-                if left(f"EVA-02 at {size} px"):
-                    results["eva"].append(bench_eva(size, big, 10 if not tiny else 2, tiny, attention, dtype))
-                    print(results["eva"][-1], flush=True)
-        elif part == "pipeline":
-            # The classifier's input pipeline with one Grain worker per core but the one running this process.
-            from absl import flags
-            from bench import data_pipeline
-            flags.FLAGS.mark_as_parsed()   # Grain's worker processes read absl flags
-            workers = max(1, (os.cpu_count() or 2) - 1)
-            results["pipeline"] = []
-            for size in ((224, 256) if not tiny else (64,)):
-                rate, source = data_pipeline.images_per_second(size, workers=workers, batch_size=big,
-                                                               seconds=8.0 if not tiny else 1.0)
-                results["pipeline"].append({"px": size, "workers": workers, "cores": os.cpu_count(),
-                                            "data": source, "images_per_s": rate})
-                print(results["pipeline"][-1], flush=True)
-        elif part == "sample":
-            results["sample"] = bench_sample(500 if not tiny else 4, 50 if not tiny else 3, latent, tiny, attention,
-                                             dtype)
-            print(results["sample"], flush=True)
-        elif part == "vae":
-            results["vae_encode"] = bench_vae_encode(64 if not tiny else 2, 256 if not tiny else 32, tiny, dtype)
-            print(results["vae_encode"], flush=True)
-        else:
-            raise SystemExit(f"unknown part {part!r} in --only; choose from dit,loop,eva,pipeline,sample,vae")
-        save()
-    save()
-    markdown = render_markdown(results)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        if suite.left(part):
+            PARTS[part](suite)
+            suite.save()
+    suite.save()
+    markdown = render_markdown(suite.results)
+    with open(os.path.join(suite.out_dir, "results.md"), "w") as f:
         f.write(markdown)
     print(markdown)
 

@@ -76,3 +76,12 @@ def test_a_failing_row_is_retried_with_remat_then_noted_and_the_suite_goes_on(tm
     first, second = results["notes"]
     assert "without remat failed" in first and "unknown DiT model" in first
     assert "DiT-Q/2 auto dots 256 failed" in second
+
+
+def test_an_unknown_part_is_refused_before_anything_runs(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--tiny", f"--out={out}", "--only=vae,gpu"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown part 'gpu' in --only; choose from dit,loop,eva" in proc.stderr
+    assert not out.exists()
+    assert list(gpu_suite.PARTS) == ["dit", "loop", "eva", "pipeline", "sample", "vae"]   # the default order

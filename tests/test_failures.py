@@ -1,4 +1,4 @@
-"""Crash safety and hostile input (issue #8): every failure ends in one clear message, and a rerun loses
+"""Crash safety and hostile input: every failure ends in one clear message, and a rerun loses
 nothing but the work since the last checkpoint.
 
 Kills are real SIGKILLs of a child process (this file run as `python -m tests.test_failures MODE ...`, see

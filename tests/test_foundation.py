@@ -85,11 +85,13 @@ def test_compilation_cache_is_switched_on_where_configured(tmp_path):
         jax.config.update("jax_compilation_cache_dir", before)
 
 
-def test_run_reports_unimplemented_task_without_crashing(tmp_path, monkeypatch, capsys):
+def test_a_task_whose_module_cannot_be_imported_fails_loudly(tmp_path, monkeypatch):
     from configs import quickstart
-    monkeypatch.setitem(main.TASKS, "study", ("xray_dit.study.not_written_yet", "run", "issue #6"))
-    assert main.run(quickstart.get_config(), str(tmp_path)) is None
-    assert "issue #6" in capsys.readouterr().out
+    config = quickstart.get_config()
+    config.task = "train_vae"
+    monkeypatch.setitem(main.TASKS, "train_vae", ("xray_dit.train.no_such_module", "run"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        main.run(config, str(tmp_path))
 
 
 # ---- mesh and sharding -------------------------------------------------------------------------------

@@ -23,15 +23,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file with get_config(arg); `file.py:arg` passes arg.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (local path or gs://...); rerun to resume.")
 
-# task name → "module:function(config, workdir)". Imported lazily so that one task's heavy imports
-# (or a task not yet written) never stand in the way of another.
+# task name → (module, function(config, workdir)); None is this module. Imported lazily so that one task's
+# heavy imports never slow down another.
 TASKS = {
-    "check": (None, "run_check", None),
-    "train_classifier": ("xray_dit.train.classifier", "run", "issue #5"),
-    "train_vae": ("xray_dit.train.vae", "run", "issue #5"),
-    "train_dit": ("xray_dit.train.dit", "run", "issue #5"),
-    "sample": ("xray_dit.train.sample", "run", "issue #5"),
-    "study": ("xray_dit.study.phases", "run", "issue #6"),
+    "check": (None, "run_check"),
+    "train_classifier": ("xray_dit.train.classifier", "run"),
+    "train_vae": ("xray_dit.train.vae", "run"),
+    "train_dit": ("xray_dit.train.dit", "run"),
+    "sample": ("xray_dit.train.sample", "run"),
+    "study": ("xray_dit.study.phases", "run"),
 }
 
 
@@ -141,18 +141,10 @@ def run(config, workdir: str):
     path = _prepare_workdir(workdir)
     if jax.process_index() == 0:
         (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=repr))
-    module_name, function_name, issue = TASKS[config.task]
+    module_name, function_name = TASKS[config.task]
     if module_name is None:
         return globals()[function_name](config, path)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith(module_name.rsplit(".", 1)[0]) and issue:
-            logging.warning("task %r is not implemented yet (%s adds it).", config.task, issue)
-            print(f"task {config.task!r} is not implemented yet ({issue} adds it); nothing was run.")
-            return None
-        raise
-    return getattr(module, function_name)(config, path)
+    return getattr(importlib.import_module(module_name), function_name)(config, path)
 
 
 def main(argv):

@@ -123,7 +123,6 @@ def get_config(arg=None):
         seeds=(0, 1, 2),               # classifier seeds per arm
         num_synthetic=500,
         synthetic_counts=(500,),       # arms: real + this many filtered synthetic images
-        synthetic_only_arm=False,
         rerun_from="",                 # phase name: re-run it and everything after it
         fidelity_threshold=0.5,        # baseline classifier probability for the target class
         realism_percentile=95.0,       # k-NN distance to real minority images within this percentile

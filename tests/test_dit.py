@@ -344,7 +344,7 @@ def test_sharded_forward_backward_equals_unsharded(mesh_shape, unsharded_loss_an
         batch = sharding.host_to_global((np.asarray(x), np.asarray(t), np.asarray(y)), mesh)
         step = jax.jit(jax.value_and_grad(_dit_loss),
                        in_shardings=(shardings,) + tuple(b.sharding for b in batch),
-                       out_shardings=(sharding.replicated(mesh), shardings))
+                       out_shardings=(jax.sharding.NamedSharding(mesh, P()), shardings))
         got_loss, got_grads = step(params, *batch)
     qkv = params["params"]["blocks_0"]["attn"]["qkv"]["kernel"]
     assert qkv.sharding.spec == P("fsdp", None, "tensor", None)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -167,7 +168,8 @@ def test_checkpoint_roundtrip_is_bit_identical_including_iterator(tmp_path):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(next(fresh_it), expected_next)
-    assert checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=1).restore_config() == {"a": 1}
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        assert manager.restore(3, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"] == {"a": 1}
 
 
 def test_relative_checkpoint_and_export_paths_work(tmp_path, monkeypatch):

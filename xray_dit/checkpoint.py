@@ -126,12 +126,6 @@ class Checkpointer:
                                f"{[s for s, _ in errors]}; last error: {errors[-1][1]}")
         return None
 
-    def restore_config(self, step: int | None = None) -> dict | None:
-        step = self.latest_step if step is None else step
-        if step is None or not self._has_item(step, "config"):
-            return None
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-
     def _has_item(self, step: int, name: str) -> bool:
         return (self.directory / str(step) / name).exists()
 

@@ -136,10 +136,6 @@ def unbox(tree: Any) -> Any:
                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Sharding of a global batch: leading dim over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
@@ -149,10 +145,6 @@ def shard_params(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGIC
     """Places a concrete, annotated params tree on the mesh; returns the unboxed, sharded tree."""
     shardings = logical_to_shardings(tree, mesh, rules)
     return jax.device_put(unbox(tree), shardings)
-
-
-def global_batch_size(local_batch_size: int) -> int:
-    return local_batch_size * jax.process_count()
 
 
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:

@@ -5,7 +5,7 @@
       → this process's share (process_index :: process_count)
       → read + decode PNG → (train) augment → float32 in [-1, 1], (H, W, 1)
       → batch of batch_size / process_count → [mp_prefetch workers]
-      → numpy batches; `to_global(batch, mesh)` makes them sharded global arrays
+      → numpy batches; `sharding.host_to_global(batch, mesh)` makes them sharded global arrays
 
 A batch holds numeric arrays only:
     image         (B, H, W, 1) float32 in [-1, 1]
@@ -38,7 +38,6 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from xray_dit import sharding
 from xray_dit.data import builders, splits
 from xray_dit.data.builders import common
 from xray_dit.data.synthetic import MANIFEST, SyntheticSource
@@ -160,22 +159,6 @@ def metadata_table(config: Any, split: str, *, data_dir: str | os.PathLike | Non
     builder = load_builder(config, data_dir=data_dir)
     _require_split(builder, split)
     return _read_table(builder, split)
-
-
-def lookup_ids(batch: Mapping[str, np.ndarray], table: splits.MetadataTable,
-               synthetic_table: splits.MetadataTable | None = None) -> list[tuple[str, str]]:
-    """(image_id, patient_id) of every valid element of a batch, via its `index` and `is_synthetic`."""
-    ids = []
-    for index, is_synthetic, valid in zip(batch["index"], batch["is_synthetic"], batch["valid"]):
-        if not valid:
-            continue
-        source = table
-        if is_synthetic:
-            if synthetic_table is None:
-                raise ValueError("the batch holds synthetic images; pass the synthetic source's table")
-            source = synthetic_table
-        ids.append((str(source.image_id[index]), str(source.patient_id[index])))
-    return ids
 
 
 def _require_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
@@ -441,11 +424,6 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     logging.info("%s: %d real + %d synthetic images per epoch, local batch %d, %s", what, len(real),
                  len(synthetic_indices), local_batch, "train" if train else "eval")
     return iter_ds
-
-
-def to_global(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """This process's numpy batch → global arrays sharded over the mesh's batch axes."""
-    return sharding.host_to_global(dict(batch), mesh)
 
 
 def _positive_counts(table: splits.MetadataTable) -> dict[str, int]:

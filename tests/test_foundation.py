@@ -118,14 +118,33 @@ def _annotated_tree():
             "bias": jnp.zeros((32,))}
 
 
-def test_shard_params_follows_logical_rules():
+def _config_rules(**changes):
+    from configs import base
+    rules = dict(base.get_config().mesh.rules)
+    rules.update(changes)
+    return sharding.axis_rules(tuple(rules.items()))
+
+
+def test_shard_params_follows_the_configs_logical_rules():
     mesh = sharding.make_mesh((2, 2, 2))
-    params = sharding.shard_params(_annotated_tree(), mesh)
+    params = sharding.shard_params(_annotated_tree(), mesh, _config_rules())
     assert params["dense"].sharding.spec == P("fsdp", "tensor")
     # 1 input channel cannot be split over fsdp=2: that dimension is replicated instead of failing.
     assert params["conv"].sharding.spec == P(None, None, None, "tensor")
     assert params["bias"].sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(params["dense"]), np.ones((16, 32)))
+    # Another table is another placement, with no model change: here the MLP hidden goes over fsdp and tensor.
+    params = sharding.shard_params(_annotated_tree(), mesh, _config_rules(embed=None, mlp=["fsdp", "tensor"]))
+    assert params["dense"].sharding.spec == P(None, ("fsdp", "tensor"))
+
+
+@pytest.mark.parametrize("rules, message", [
+    ((("embed", "model"),), r"maps 'embed' to \['model'\], which are not mesh axes"),
+    ((("embed",),), "pairs"),
+])
+def test_bad_axis_rules_are_refused(rules, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.axis_rules(rules)
 
 
 def test_host_batch_becomes_global_sharded_array():

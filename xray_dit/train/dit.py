@@ -39,7 +39,8 @@ def restore_target(boxed_abstract: Any, mesh, config: ml_collections.ConfigDict)
     Without shardings Orbax restores onto the devices the export was saved from (device 0 of the run
     that trained it), which a jitted call on another mesh refuses.
     """
-    shardings = sharding.logical_to_shardings(boxed_abstract, mesh or sharding.make_mesh(config.mesh.shape))
+    shardings = sharding.logical_to_shardings(boxed_abstract, mesh or sharding.make_mesh(config.mesh.shape),
+                                              sharding.axis_rules(config.mesh.rules))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         sharding.unbox(boxed_abstract), shardings)
 

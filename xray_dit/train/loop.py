@@ -210,7 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
     # ---- Mesh -------------------------------------------------------------------------------------
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
     sharding.local_batch_size(int(train_cfg.batch_size), mesh)  # validates divisibility early
-    rules = sharding.LOGICAL_AXIS_RULES
+    rules = sharding.axis_rules(config.mesh.rules)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ---- Model and state, initialised directly sharded --------------------------------------

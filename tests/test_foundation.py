@@ -205,14 +205,14 @@ def test_relative_checkpoint_and_export_paths_work(tmp_path, monkeypatch):
     assert np.array_equal(params["w"], state["w"]) and (tmp_path / "work" / "export" / "model.json").exists()
 
 
-def test_checkpoint_keeps_last_k_and_restores_onto_another_mesh(tmp_path):
-    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=1, keep=2, async_save=False)
+def test_checkpoint_saves_at_the_interval_or_when_forced_keeps_last_k_and_restores_onto_another_mesh(tmp_path):
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=2, keep=2, async_save=False)
     state = _state(sharding.make_mesh((1, 8, 1)))
-    for step in (1, 2, 3):
-        ckpt.save(step, state)
+    assert [step for step in range(1, 6) if ckpt.save(step, state)] == [2, 4]
+    assert ckpt.save(5, state, force=True) and not ckpt.save(5, state, force=True)
     ckpt.close()
     reader = checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=1)
-    assert reader.all_steps() == [2, 3]
+    assert reader.all_steps() == [4, 5]
     other = _state(sharding.make_mesh((2, 1, 4)), spec=P(None, "tensor"))
     restored, _ = reader.restore(jax.tree.map(jnp.zeros_like, other))
     assert restored["params"]["w"].sharding.spec == P(None, "tensor")

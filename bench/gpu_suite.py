@@ -282,8 +282,8 @@ def bench_loop(name: str, batch: int, latent: int, attention: str, dtype, tiny: 
                                 checkpoint_every=0, prefetch_batches=prefetch)
         clock = {}
 
-        def read_clock(state, step):
-            del state
+        def read_clock(state, step, writer):
+            del state, writer
             clock[step] = time.perf_counter()
             return {}
         data = iter(dit_trainer.latent_dataset(root / "latents", {"latent_shape": list(shape)}, batch_size=batch,

@@ -111,7 +111,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     best_info_path = workdir / "best.json"
     best_validation = {}   # step → validation predictions of the kept parameters (this process only)
 
-    def evaluate(state, step):
+    def evaluate(state, step, writer):
+        del writer   # the loop writes the returned AUCs
         params = state.get("ema_params", state["params"])
         out = predictions(params, "validation")
         aucs = classification.per_class_auc(out["labels"], out["probs"], class_names, out["label_mask"] > 0)

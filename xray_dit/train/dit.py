@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from xray_dit import checkpoint, metric_writer, sharding
+from xray_dit import checkpoint, sharding
 from xray_dit.data import pipeline
 from xray_dit.diffusion import losses, samplers, schedules
 from xray_dit.train import common, loop, model_factory
@@ -232,15 +232,13 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
     grid_noise = jax.random.normal(jax.random.PRNGKey(1234), (16, height, width, channels))
     grid_labels = jnp.full((16,), class_names.index(target) if class_names else 0, jnp.int32)
 
-    def sample_grid(state, step):
+    def sample_grid(state, step, writer):
         params = state.get("ema_params", state["params"])
         images = common.to_uint8(sharding.global_to_host(grid_sampler(params, vae_params, grid_noise, grid_labels,
                                                                       jax.random.PRNGKey(0))))
         if jax.process_index() == 0:
             common.save_grid(images, workdir / "samples" / f"step_{step:07d}.png", ncol=4)
-            writer = metric_writer.MetricWriter(workdir / "tensorboard")
             writer.write_images(step, {"dit/samples_ema": images[..., None]})
-            writer.close()
         return {}
 
     task = loop.TrainTask(

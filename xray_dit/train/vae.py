@@ -135,7 +135,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
 
     latest_eval: dict = {}
 
-    def evaluate(state, step):
+    def evaluate(state, step, writer):
         out = common.run_over_split(reconstruct, state["params"], config, directory, "validation", mesh,
                                     batch_size=eval_bs, keys=("index",))
         images, recon = out["image"][..., 0], out["recon"][..., 0]
@@ -145,6 +145,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
             n = min(8, len(images))
             pairs = np.concatenate([common.to_uint8(images[:n]), common.to_uint8(recon[:n])])
             common.save_grid(pairs, workdir / "reconstructions" / f"step_{step:07d}.png", ncol=n)
+            writer.write_images(step, {"vae/reconstructions": pairs[..., None]})
         if config.data.name == "cxr_phantom":
             metrics.update(ctr_preservation(images, recon))
         latest_eval.clear()

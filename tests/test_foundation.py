@@ -73,6 +73,21 @@ def test_bad_command_lines_give_one_clear_message(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("dit.train.steps=abc", "--config.dit.train.steps=abc: dit.train.steps takes an int, like its current value"),
+    ("dit.train.lr=fast", "dit.train.lr takes a float"),
+    ("data.augment.hflip=maybe", "data.augment.hflip takes a bool"),
+    ("mesh.shape=abc", r"mesh.shape takes a tuple of int values, like its current value \(-1, 1, 1\), not 'abc'"),
+    ("data.labels=(1,2)", "data.labels takes a tuple of str values"),
+])
+def test_an_override_of_the_wrong_type_names_the_key_and_the_type(override, message):
+    config = str(REPO_ROOT / "configs" / "quickstart.py")
+    with pytest.raises(main.UsageError, match=message):
+        main._check_argv(["main", f"--config={config}", f"--config.{override}"])
+    main._check_argv(["main", f"--config={config}", "--config.dit.train.steps=12", "--config.dit.train.lr=1",
+                      "--config.mesh.shape=(1,-1,1)", "--config.data.augment.hflip=true", "--config.data.labels=A,B"])
+
+
 def test_compilation_cache_is_switched_on_where_configured(tmp_path):
     before = jax.config.jax_compilation_cache_dir
     try:

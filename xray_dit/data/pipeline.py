@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from xray_dit.data import builders, splits
+from xray_dit.data import DataError, builders, splits
 from xray_dit.data.builders import common
 from xray_dit.data.synthetic import MANIFEST, SyntheticSource
 
@@ -76,7 +76,7 @@ class DataConfig:
             return config
         values = _as_dict(config)
         if not values.get("name"):
-            raise ValueError("the data config needs a dataset name (config.data.name)")
+            raise DataError("the data config names no dataset; set --config.data.name=...")
         augment = _as_dict(values.get("augment") or {})
         return cls(
             name=str(values["name"]),
@@ -115,8 +115,8 @@ def load_builder(config: Any, *, data_dir: str | os.PathLike | None = None) -> t
     builder = builders.load_prepared(cfg.name, cfg.builder_config or None, data_dir=data_dir or cfg.data_dir)
     size = builders.image_size(builder)
     if cfg.image_size and cfg.image_size != size:
-        raise ValueError(f"config.data.image_size={cfg.image_size} but {_name(builder)} holds {size}x{size} "
-                         "images; choose the builder config of that size")
+        raise DataError(f"config.data.image_size={cfg.image_size} but {_name(builder)} holds {size}x{size} "
+                        "images; choose the builder config of that size (--config.data.builder_config=...)")
     return builder
 
 
@@ -163,8 +163,7 @@ def metadata_table(config: Any, split: str, *, data_dir: str | os.PathLike | Non
 
 def _require_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
     if split not in builder.info.splits:
-        raise ValueError(f"{_name(builder)} has no split {split!r}; "
-                         f"it has {list(builder.info.splits)}")
+        raise DataError(f"{_name(builder)} has no split {split!r}; it has {list(builder.info.splits)}")
 
 
 # ---- The epoch plan ----------------------------------------------------------------------------
@@ -378,8 +377,8 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     if only_class is not None:
         real = table.positives(only_class)
         if not len(real):
-            raise ValueError(f"{what} has no image known positive for {only_class!r}; nothing to train on. "
-                             f"Positives per label: {_positive_counts(table)}")
+            raise DataError(f"{what} has no image known positive for {only_class!r}; nothing to train on. "
+                            f"Positives per label: {_positive_counts(table)}")
     groups = None
     if train and cfg.balanced_sampling:
         groups = _class_groups(table, columns, real, label_names, what)
@@ -395,8 +394,8 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     plan = _EpochPlan(real=real, groups=groups, synthetic=synthetic_indices, shuffle=train, seed=seed,
                       pad_to=1 if train else batch_size)
     if train and plan.unpadded_length < batch_size:
-        raise ValueError(f"{what} has {plan.unpadded_length} images after filtering/mixing, fewer than one "
-                         f"global batch of {batch_size}; lower the batch size or add data")
+        raise DataError(f"{what} has {plan.unpadded_length} images after filtering/mixing, fewer than one "
+                        f"global batch of {batch_size}; lower the batch size or add data")
 
     ds: grain.MapDataset = _PlannedEntries(plan)
     epochs = num_epochs if num_epochs is not None else (None if train else 1)
@@ -445,7 +444,7 @@ def _class_groups(table: splits.MetadataTable, columns: np.ndarray, real: np.nda
     if empty:
         logging.warning("%s: balanced sampling skips label(s) without positives: %s", what, empty)
     if not groups:
-        raise ValueError(f"{what}: balanced sampling found no class with any image")
+        raise DataError(f"{what}: balanced sampling found no class with any image")
     return tuple(groups)
 
 

@@ -16,6 +16,7 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
+from xray_dit.data import DataError
 from xray_dit.data.builders import chexpert, cxr_phantom, medmnist, nih_chestxray14
 from xray_dit.data.builders.common import (REPORT_FILE, SKIP_IMAGE_DECODING, CxrBuilder, ManualDataMissingError,
                                            TooManyBadRecordsError)
@@ -25,12 +26,12 @@ BUILDERS: dict[str, type[CxrBuilder]] = {
                               cxr_phantom.CxrPhantom)
 }
 
-__all__ = ["BUILDERS", "REPORT_FILE", "SKIP_IMAGE_DECODING", "CxrBuilder", "ManualDataMissingError",
+__all__ = ["BUILDERS", "REPORT_FILE", "SKIP_IMAGE_DECODING", "CxrBuilder", "DataError", "ManualDataMissingError",
            "NotPreparedError", "TooManyBadRecordsError", "get_builder", "image_size", "label_names",
            "load_prepared", "prepare"]
 
 
-class NotPreparedError(FileNotFoundError):
+class NotPreparedError(DataError):
     """No complete prepared copy of the dataset under data_dir."""
 
 
@@ -43,12 +44,12 @@ def get_builder(name: str, builder_config: str | tfds.core.BuilderConfig | None 
                              f"({builder_config!r}), not both")
         name, builder_config = name.split("/", 1)
     if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+        raise DataError(f"unknown dataset {name!r}; use one of {sorted(BUILDERS)} (--config.data.name=...)")
     cls = BUILDERS[name]
     known = [c.name for c in cls.BUILDER_CONFIGS]
     if isinstance(builder_config, str) and builder_config not in known:
-        raise ValueError(f"{name} has no builder config {builder_config!r}; known: {known} "
-                         f"(or pass a {type(cls.BUILDER_CONFIGS[0]).__name__} object)")
+        raise DataError(f"{name} has no builder config {builder_config!r}; use one of {known} "
+                        f"(--config.data.builder_config=...)")
     if not data_dir:
         raise ValueError("data_dir is empty: say where prepared datasets live (e.g. <workdir>/tfds)")
     return cls(config=builder_config or None, data_dir=os.fspath(data_dir))
@@ -81,7 +82,7 @@ def load_prepared(name: str, builder_config: str | None = None, *,
     if "/" in name:
         name, builder_config = name.split("/", 1)
     if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+        raise DataError(f"unknown dataset {name!r}; use one of {sorted(BUILDERS)} (--config.data.name=...)")
     cls = BUILDERS[name]
     builder_config = builder_config or cls.DEFAULT_CONFIG_NAME
     if not data_dir:

@@ -2,10 +2,10 @@
 
 A rerun of the same command restores the newest complete checkpoint, so preemption costs at most the
 steps since the last save. When to save and which checkpoints to keep are Orbax's own policies (a fixed
-interval, JAX's preemption notice; the newest K). Orbax writes each step into a temporary folder and renames it when
-complete, so a kill during a write leaves no checkpoint that looks finished; a latest checkpoint that
-is nevertheless unreadable (truncated files, a half-copied bucket) is skipped, with a warning, in
-favour of the one before it.
+interval or JAX's preemption notice; the newest K). Orbax writes each step into a temporary folder and
+renames it when complete, so a kill during a write leaves no checkpoint that looks finished; a latest
+checkpoint that is nevertheless unreadable (truncated files, a half-copied bucket) is skipped, with a
+warning, in favour of the one before it.
 """
 
 from __future__ import annotations

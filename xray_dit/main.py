@@ -92,7 +92,7 @@ def _check_argv(argv: list[str]) -> None:
 # Parsers of the types ml_collections checks overrides against (other types take any text), and their names.
 _PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser(),
             tuple: tuple_parser.TupleParser()}
-_TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a str", tuple: "a tuple"}
+_TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", tuple: "a tuple"}
 
 
 def _check_override_type(config, key: str, text: str) -> None:

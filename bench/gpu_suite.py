@@ -39,7 +39,7 @@ import numpy as np
 
 from xray_dit import sharding
 
-# bf16 dense peak used for MFU: measured 8192^3 bf16 matmul on the H200 (issue #7) / H100 (device notes).
+# bf16 dense peak used for MFU: measured 8192^3 bf16 matmul on the H200 / H100 (device notes).
 PEAK_TFLOPS = {"H200": 783.0, "H100": 790.0}
 # HBM bandwidth from NVIDIA's data sheets (H100 SXM5 80 GB HBM3, H200 141 GB HBM3e), TB/s.
 PEAK_TBPS = {"H200": 4.8, "H100": 3.35}
@@ -71,7 +71,7 @@ def _peak_memory_gib() -> float:
 
 
 def dit_train_gflop_per_image(model) -> float:
-    """Matmul FLOPs of one training image (forward ×3 for the backward), the convention of issue #7:
+    """Matmul FLOPs of one training image (forward ×3 for the backward):
     per block, tokens × 12·D² MACs (qkv, proj, 4× MLP) + 2·tokens²·D (scores, weighted sum) + 6·D² (adaLN);
     plus the patch embedding and final layer. DiT-B/2 on 32×32 latents: 23.0 GMAC → 138 GFLOP."""
     tokens, width = model.grid_size ** 2, model.hidden_size
@@ -284,8 +284,8 @@ def bench_loop(name: str, batch: int, latent: int, attention: str, dtype, tiny: 
                                 checkpoint_every=0, prefetch_batches=prefetch)
         clock = {}
 
-        def read_clock(state, step):
-            del state
+        def read_clock(state, step, writer):
+            del state, writer
             clock[step] = time.perf_counter()
             return {}
         data = iter(dit_trainer.latent_dataset(root / "latents", {"latent_shape": list(shape)}, batch_size=batch,

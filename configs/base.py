@@ -41,8 +41,29 @@ def get_config(arg=None):
     config.task = "study"          # train_classifier | train_vae | train_dit | sample | study
     config.seed = 0
 
-    # Devices: (data, fsdp, tensor); -1 fills with whatever devices remain.
-    config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+    # Devices: (data, fsdp, tensor); -1 fills with whatever devices remain. `rules` maps the models' logical
+    # axis names (see xray_dit/sharding.py) onto mesh axes, None = replicated: FSDP shards the model width,
+    # tensor parallelism the MLP hidden and attention-feature dimensions (Megatron style).
+    config.mesh = ml_collections.ConfigDict(dict(
+        shape=(-1, 1, 1),
+        rules=(
+            ("act_batch", ("data", "fsdp")),
+            ("act_len", None),
+            ("act_embed", None),
+            ("act_heads", "tensor"),
+            ("act_mlp", "tensor"),
+            ("act_height", None),
+            ("act_width", None),
+            ("act_channels", None),
+            ("embed", "fsdp"),
+            ("mlp", "tensor"),
+            ("heads", "tensor"),
+            ("conv_in", "fsdp"),
+            ("conv_out", "tensor"),
+            ("classes", None),
+            ("norm", None),
+        ),
+    ))
     config.compute_dtype = "float32"   # "bfloat16" on accelerators; params stay float32
     config.attention_impl = "auto"     # "auto" (cuDNN on GPUs with bf16/fp16, else XLA) | "xla" | "cudnn"
     # JAX's persistent compilation cache: a rerun, a resumed run and every study seed/arm reuse compiled
@@ -123,7 +144,6 @@ def get_config(arg=None):
         seeds=(0, 1, 2),               # classifier seeds per arm
         num_synthetic=500,
         synthetic_counts=(500,),       # arms: real + this many filtered synthetic images
-        synthetic_only_arm=False,
         rerun_from="",                 # phase name: re-run it and everything after it
         fidelity_threshold=0.5,        # baseline classifier probability for the target class
         realism_percentile=95.0,       # k-NN distance to real minority images within this percentile

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from xray_dit.data import builders, phantom, splits
+from xray_dit.data import DataError, builders, phantom, splits
 from xray_dit.data.builders import chexpert, common, cxr_phantom, medmnist, nih_chestxray14
 
 NIH_HEADER_2017 = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -165,6 +165,7 @@ def test_nih_too_many_bad_rows_fails_and_leaves_nothing(tmp_path):
     with pytest.raises(builders.TooManyBadRecordsError) as error:
         _prepare(nih_chestxray14.NihChestxray14, NIH_16, tmp_path / "tfds", manual)
     assert MISSING in str(error.value) and "00000100_000.png" in str(error.value)
+    assert "\n" not in str(error.value) and isinstance(error.value, DataError)   # main prints it as one line
     config_dir = tmp_path / "tfds" / "nih_chestxray14" / "16"
     assert not config_dir.exists() or not any(config_dir.iterdir())
     with pytest.raises(builders.NotPreparedError, match="prepare"):
@@ -173,14 +174,16 @@ def test_nih_too_many_bad_rows_fails_and_leaves_nothing(tmp_path):
 
 def test_nih_leaking_split_lists_fail(tmp_path):
     manual = write_nih(tmp_path / "download", NIH_HEADER_2020, leak_patient=7)
-    with pytest.raises(splits.PatientLeakError, match=r"\b7: test, (train|validation)"):
+    with pytest.raises(splits.PatientLeakError, match=r"\b7: test, (train|validation)") as error:
         _prepare(nih_chestxray14.NihChestxray14, NIH_16, tmp_path / "tfds", manual)
+    assert "\n" not in str(error.value) and isinstance(error.value, DataError)
 
 
 def test_missing_manual_folder_and_csv_say_where_and_how(tmp_path):
     with pytest.raises(builders.ManualDataMissingError) as error:
         _prepare(nih_chestxray14.NihChestxray14, "64", tmp_path / "tfds", tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(error.value) and "nihcc.app.box.com" in str(error.value)
+    assert "--config.data.manual_dir=" in str(error.value) and "\n" not in str(error.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(builders.ManualDataMissingError) as error:
         _prepare(nih_chestxray14.NihChestxray14, "64", tmp_path / "tfds", tmp_path / "empty")

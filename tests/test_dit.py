@@ -13,11 +13,14 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
+from configs import base
 from xray_dit import sharding
 from xray_dit.diffusion import samplers
 from xray_dit.models import dit, layers
 from xray_dit.models.weights import WeightImportError, load_state_dict
 from tests.helpers.golden import assert_close, nhwc
+
+RULES = sharding.axis_rules(base.get_config().mesh.rules)
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
             class_dropout_prob=0.1, num_classes=3, learn_sigma=True)
@@ -337,14 +340,14 @@ def unsharded_loss_and_grads():
 def test_sharded_forward_backward_equals_unsharded(mesh_shape, unsharded_loss_and_grads):
     (x, t, y), boxed, (ref_loss, ref_grads) = unsharded_loss_and_grads
     mesh = sharding.make_mesh(mesh_shape)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES), \
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES), \
             jax.default_matmul_precision("highest"):
-        shardings = sharding.logical_to_shardings(boxed, mesh)
-        params = sharding.shard_params(boxed, mesh)
+        shardings = sharding.logical_to_shardings(boxed, mesh, RULES)
+        params = sharding.shard_params(boxed, mesh, RULES)
         batch = sharding.host_to_global((np.asarray(x), np.asarray(t), np.asarray(y)), mesh)
         step = jax.jit(jax.value_and_grad(_dit_loss),
                        in_shardings=(shardings,) + tuple(b.sharding for b in batch),
-                       out_shardings=(sharding.replicated(mesh), shardings))
+                       out_shardings=(jax.sharding.NamedSharding(mesh, P()), shardings))
         got_loss, got_grads = step(params, *batch)
     qkv = params["params"]["blocks_0"]["attn"]["qkv"]["kernel"]
     assert qkv.sharding.spec == P("fsdp", None, "tensor", None)

@@ -12,10 +12,13 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from configs import base
 from xray_dit import sharding
 from xray_dit.models import eva02
 from xray_dit.models.weights import WeightImportError, load_state_dict
 from tests.helpers.golden import assert_close, nhwc
+
+RULES = sharding.axis_rules(base.get_config().mesh.rules)
 
 GOLDEN = ("eva02_tiny", "eva02_tiny_fused")
 TIMM_NAMES = {"Ti": "eva02_tiny_patch14_224", "S": "eva02_small_patch14_224", "B": "eva02_base_patch14_224"}
@@ -345,8 +348,8 @@ def test_sharded_forward_backward_equals_unsharded(mesh_shape, fused):
     with jax.default_matmul_precision("highest"):
         want_loss, want_grads = jax.jit(jax.value_and_grad(loss_fn))(params, x)
         mesh = sharding.make_mesh(mesh_shape)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-            sharded = sharding.shard_params(boxed, mesh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+            sharded = sharding.shard_params(boxed, mesh, RULES)
             attn = sharded["blocks_0"]["attn"]
             kernel = attn["qkv"]["kernel"] if fused else attn["q_proj"]["kernel"]
             axis = "fsdp" if mesh_shape[1] > 1 else "tensor"

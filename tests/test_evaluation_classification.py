@@ -49,12 +49,11 @@ def test_youden_threshold_on_hand_examples():
         cls.youden_threshold([1, 1], [0.2, 0.3])
 
 
-def test_confusion_matrix_and_sensitivity_specificity_on_a_hand_example():
+def test_confusion_matrix_on_a_hand_example():
     labels = np.array([0, 0, 0, 1, 1, 1])
     probs = np.array([0.1, 0.2, 0.8, 0.5, 0.7, 0.9])
     cm = cls.confusion(labels, probs, threshold=0.5)  # a score equal to the threshold counts as positive
     np.testing.assert_array_equal(cm, [[2, 1], [0, 3]])
-    assert cls.sensitivity_specificity(cm) == pytest.approx((1.0, 2 / 3))
     np.testing.assert_array_equal(cls.confusion(labels, probs, threshold=0.85), [[3, 0], [2, 1]])
     with pytest.raises(ValueError, match="only 0 and 1"):
         cls.confusion([0, 2], [0.1, 0.2], 0.5)
@@ -190,8 +189,8 @@ def test_delong_matches_the_direct_structural_components_formula_with_ties():
     np.testing.assert_allclose(aucs, ref_aucs, rtol=1e-12)
     np.testing.assert_allclose(aucs[0], roc_auc_score(labels, scores_a), rtol=1e-12)
     np.testing.assert_allclose(cov, ref_cov, rtol=1e-10)
-    auc, var = cls.delong_roc_variance(labels, scores_b)
-    assert (auc, var) == pytest.approx((ref_aucs[1], ref_cov[1, 1]), rel=1e-10)
+    auc, var = cls.delong_covariance(labels, scores_b[None])
+    assert (auc[0], var[0, 0]) == pytest.approx((ref_aucs[1], ref_cov[1, 1]), rel=1e-10)
 
     result = cls.delong_test(labels, scores_a, scores_b)
     ref_z = (ref_aucs[0] - ref_aucs[1]) / np.sqrt(ref_cov[0, 0] + ref_cov[1, 1] - 2 * ref_cov[0, 1])
@@ -217,26 +216,35 @@ def test_delong_variance_agrees_with_bootstrap_variance_on_a_large_sample():
     rng = np.random.default_rng(8)
     labels = rng.integers(0, 2, 2000)
     scores = 1.2 * labels + rng.normal(size=2000)
-    _, variance = cls.delong_roc_variance(labels, scores)
+    variance = cls.delong_covariance(labels, scores[None])[1][0, 0]
     replicates = cls.bootstrap_auc_ci(labels, scores, np.arange(2000), n_boot=1000, seed=0).replicates
     assert 0.8 < replicates.var(ddof=1) / variance < 1.25
 
 
 def test_delong_refuses_too_few_cases():
     with pytest.raises(ValueError, match="at least 2 positive and 2 negative"):
-        cls.delong_roc_variance([0, 0, 1], [0.1, 0.2, 0.3])
+        cls.delong_covariance([0, 0, 1], [[0.1, 0.2, 0.3]])
 
 
-def test_predictions_file_round_trip(tmp_path):
+def test_predictions_file_round_trip_keeps_unknown_labels_unknown(tmp_path):
     rng = np.random.default_rng(9)
     probs = rng.random((5, 2)).astype(np.float32)
-    labels = np.array([[0, 1], [1, -1], [0, 0], [1, 1], [0, 1]])
-    path = cls.write_predictions_csv(tmp_path / "arm" / "predictions.csv", [f"img{i}.png" for i in range(5)],
-                                     ["p1", "p1", "p2", "p3", "p3"], labels, probs, ["Effusion", "Pleural, Thickening"])
-    read = cls.read_predictions_csv(path)
-    assert read.class_names == ["Effusion", "Pleural, Thickening"]
-    assert list(read.image_ids) == [f"img{i}.png" for i in range(5)] and read.patient_ids[1] == "p1"
-    np.testing.assert_array_equal(read.labels, labels)
-    np.testing.assert_array_equal(read.probs.astype(np.float32), probs)
+    labels = np.array([[0, 1], [1, 0], [0, 0], [1, 1], [0, 1]])
+    mask = np.ones((5, 2), bool)
+    mask[1, 1] = mask[3, 0] = False
+    path = tmp_path / "arm" / "predictions.csv"
+    cls.write_predictions(path, [f"img{i}.png" for i in range(5)], ["p1", "p1", "p2", "p3", "p3"], labels, probs,
+                          ["Effusion", "Pleural, Thickening"], mask=mask)
+    read = cls.read_predictions(path)
+    assert read["class_names"] == ["Effusion", "Pleural, Thickening"]
+    assert list(read["image_id"]) == [f"img{i}.png" for i in range(5)] and read["patient_id"][1] == "p1"
+    np.testing.assert_array_equal(read["mask"], mask)
+    np.testing.assert_array_equal(read["labels"], np.where(mask, labels, 0))
+    np.testing.assert_array_equal(read["probs"], probs)
+    assert cls.per_class_auc(read["labels"], read["probs"], read["class_names"], read["mask"]) == \
+        cls.per_class_auc(labels, probs, ["Effusion", "Pleural, Thickening"], mask)
     with pytest.raises(ValueError, match="labels"):
-        cls.write_predictions_csv(tmp_path / "bad.csv", ["a"], ["p"], labels, probs, ["x", "y"])
+        cls.write_predictions(tmp_path / "bad.csv", ["a"], ["p"], labels, probs, ["x", "y"])
+    (tmp_path / "other.csv").write_text("image,patient\n")
+    with pytest.raises(ValueError, match="not a predictions file"):
+        cls.read_predictions(tmp_path / "other.csv")

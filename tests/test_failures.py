@@ -1,4 +1,4 @@
-"""Crash safety and hostile input (issue #8): every failure ends in one clear message, and a rerun loses
+"""Crash safety and hostile input: every failure ends in one clear message, and a rerun loses
 nothing but the work since the last checkpoint.
 
 Kills are real SIGKILLs of a child process (this file run as `python -m tests.test_failures MODE ...`, see
@@ -34,7 +34,7 @@ from PIL import Image
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_configs, toy_task
 from xray_dit import checkpoint, main, sharding
-from xray_dit.data import builders, phantom, pipeline
+from xray_dit.data import DataError, builders, phantom, pipeline
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.data.builders import chexpert, common, cxr_phantom, nih_chestxray14
 from xray_dit.study import phases
@@ -436,7 +436,7 @@ def test_label_tables_with_a_wrong_header_are_refused_naming_the_file_and_the_co
     manual = write_nih(tmp_path / "nih", NIH_HEADER_2020)
     table = manual / "Data_Entry_2017.csv"
     table.write_text(table.read_text().replace("Finding Labels,", "", 1))
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(DataError) as error:
         _prepare(nih_chestxray14.NihChestxray14, NIH_16, tmp_path / "nih_tfds", manual)
     assert str(table) in str(error.value) and "'Finding Labels'" in str(error.value)
     assert "the 2017 or the 2020 NIH label table" in str(error.value)
@@ -447,7 +447,7 @@ def test_label_tables_with_a_wrong_header_are_refused_naming_the_file_and_the_co
     drop = rows[0].index("Cardiomegaly")
     with open(release / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows([row[:drop] + row[drop + 1:] for row in rows])
-    with pytest.raises(ValueError, match=r"train\.csv: missing column\(s\) \['Cardiomegaly'\]"):
+    with pytest.raises(DataError, match=r"train\.csv: missing column\(s\) \['Cardiomegaly'\]"):
         _prepare(chexpert.Chexpert, chexpert.ChexpertConfig(name="16", size=16), tmp_path / "chexpert_tfds",
                  release.parent)
 
@@ -488,14 +488,14 @@ def test_synthetic_manifest_errors_say_what_is_wrong_and_what_to_do(tmp_path):
     synthetic_lib.write_synthetic(folder, np.zeros((3, 8, 8), np.uint8), ["Cardiomegaly", "Effusion", "Cardiomegaly"])
     labels = ("Cardiomegaly", "Effusion")
     (folder / "synthetic_000001.png").unlink()
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(DataError) as error:
         synthetic_lib.SyntheticSource(folder, labels)
     assert "1 file(s) listed in" in str(error.value) and "['synthetic_000001.png']" in str(error.value)
     assert "remove their rows from the manifest" in str(error.value)
 
     synthetic_lib.write_synthetic(tmp_path / "typo", np.zeros((2, 8, 8), np.uint8),
                                   ["Cardiomegaly", "Cardiomegally|Effusion"])
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(DataError) as error:
         synthetic_lib.SyntheticSource(tmp_path / "typo", labels)
     assert "['Cardiomegally']" in str(error.value) and "Correct the manifest's label column" in str(error.value)
 
@@ -519,7 +519,7 @@ def test_a_class_filter_that_leaves_less_than_one_batch_is_a_clear_error(data_di
     positives = len(pipeline.metadata_table(config, "train").positives("Cardiomegaly"))
     assert 0 < positives < 16 <= train          # the whole split fills a batch; its Cardiomegaly images do not
     next(iter(pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16)))
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(DataError) as error:
         pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16, only_class="Cardiomegaly")
     assert f"has {positives} images after filtering/mixing, fewer than one global batch of 16" in str(error.value)
     assert "lower the batch size or add data" in str(error.value)
@@ -559,6 +559,48 @@ def test_the_models_from_config_refuse_the_same_sizes():
     config.data.image_size = 60
     with pytest.raises(ValueError, match="classifier's patch size 8"):
         model_factory.classifier_from_config(config, num_classes=3)
+
+
+# ---- 5. Data and config mistakes reach the user as one line ---------------------------------------------------
+
+
+def test_a_missing_nih_download_is_one_line_naming_the_config_key_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "xray_dit.main", "--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}",
+         "--config.task=train_classifier", "--config.data.name=nih_chestxray14", "--config.compilation_cache_dir=",
+         f"--config.data.manual_dir={tmp_path / 'nowhere'}"], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"looked at: {tmp_path / 'nowhere'}" in errors[0] and "--config.data.manual_dir=<folder>" in errors[0]
+
+
+@pytest.mark.parametrize("task", ["study", "train_dit"])
+def test_a_target_class_outside_the_labels_is_refused_before_any_data_is_prepared(tmp_path, task):
+    from configs import quickstart
+    config = quickstart.get_config()
+    config.task = task
+    config.dit.class_conditional = True
+    config.data.target_class = "Hernia"
+    with pytest.raises(main.UsageError, match=r"data.target_class 'Hernia' is not one of data.labels \('Cardiomegaly', "
+                                              r"'Effusion', 'Nodule'\); set --config.data.target_class"):
+        main.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("shape", (3, 1, 1), r"config.mesh.shape \(3, 1, 1\) uses 3 devices but 8 are available"),
+    ("rules", (("embed", "model"),), r"config.mesh.rules maps 'embed' to \['model'\], which are not mesh axes"),
+])
+def test_mesh_mistakes_are_refused_before_anything_runs(tmp_path, key, value, message):
+    from configs import quickstart
+    config = quickstart.get_config()
+    config.task = "check"
+    config.mesh[key] = value
+    with pytest.raises(main.UsageError, match=message):
+        main.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 if __name__ == "__main__":

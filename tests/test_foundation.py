@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -72,6 +73,21 @@ def test_bad_command_lines_give_one_clear_message(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("dit.train.steps=abc", "--config.dit.train.steps=abc: dit.train.steps takes an int, like its current value"),
+    ("dit.train.lr=fast", "dit.train.lr takes a float"),
+    ("data.augment.hflip=maybe", "data.augment.hflip takes a bool"),
+    ("mesh.shape=abc", r"mesh.shape takes a tuple of int values, like its current value \(-1, 1, 1\), not 'abc'"),
+    ("data.labels=(1,2)", "data.labels takes a tuple of str values"),
+])
+def test_an_override_of_the_wrong_type_names_the_key_and_the_type(override, message):
+    config = str(REPO_ROOT / "configs" / "quickstart.py")
+    with pytest.raises(main.UsageError, match=message):
+        main._check_argv(["main", f"--config={config}", f"--config.{override}"])
+    main._check_argv(["main", f"--config={config}", "--config.dit.train.steps=12", "--config.dit.train.lr=1",
+                      "--config.mesh.shape=(1,-1,1)", "--config.data.augment.hflip=true", "--config.data.labels=A,B"])
+
+
 def test_compilation_cache_is_switched_on_where_configured(tmp_path):
     before = jax.config.jax_compilation_cache_dir
     try:
@@ -85,11 +101,13 @@ def test_compilation_cache_is_switched_on_where_configured(tmp_path):
         jax.config.update("jax_compilation_cache_dir", before)
 
 
-def test_run_reports_unimplemented_task_without_crashing(tmp_path, monkeypatch, capsys):
+def test_a_task_whose_module_cannot_be_imported_fails_loudly(tmp_path, monkeypatch):
     from configs import quickstart
-    monkeypatch.setitem(main.TASKS, "study", ("xray_dit.study.not_written_yet", "run", "issue #6"))
-    assert main.run(quickstart.get_config(), str(tmp_path)) is None
-    assert "issue #6" in capsys.readouterr().out
+    config = quickstart.get_config()
+    config.task = "train_vae"
+    monkeypatch.setitem(main.TASKS, "train_vae", ("xray_dit.train.no_such_module", "run"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        main.run(config, str(tmp_path))
 
 
 # ---- mesh and sharding -------------------------------------------------------------------------------
@@ -115,14 +133,33 @@ def _annotated_tree():
             "bias": jnp.zeros((32,))}
 
 
-def test_shard_params_follows_logical_rules():
+def _config_rules(**changes):
+    from configs import base
+    rules = dict(base.get_config().mesh.rules)
+    rules.update(changes)
+    return sharding.axis_rules(tuple(rules.items()))
+
+
+def test_shard_params_follows_the_configs_logical_rules():
     mesh = sharding.make_mesh((2, 2, 2))
-    params = sharding.shard_params(_annotated_tree(), mesh)
+    params = sharding.shard_params(_annotated_tree(), mesh, _config_rules())
     assert params["dense"].sharding.spec == P("fsdp", "tensor")
     # 1 input channel cannot be split over fsdp=2: that dimension is replicated instead of failing.
     assert params["conv"].sharding.spec == P(None, None, None, "tensor")
     assert params["bias"].sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(params["dense"]), np.ones((16, 32)))
+    # Another table is another placement, with no model change: here the MLP hidden goes over fsdp and tensor.
+    params = sharding.shard_params(_annotated_tree(), mesh, _config_rules(embed=None, mlp=["fsdp", "tensor"]))
+    assert params["dense"].sharding.spec == P(None, ("fsdp", "tensor"))
+
+
+@pytest.mark.parametrize("rules, message", [
+    ((("embed", "model"),), r"maps 'embed' to \['model'\], which are not mesh axes"),
+    ((("embed",),), "pairs"),
+])
+def test_bad_axis_rules_are_refused(rules, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.axis_rules(rules)
 
 
 def test_host_batch_becomes_global_sharded_array():
@@ -165,7 +202,8 @@ def test_checkpoint_roundtrip_is_bit_identical_including_iterator(tmp_path):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(next(fresh_it), expected_next)
-    assert checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=1).restore_config() == {"a": 1}
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        assert manager.restore(3, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"] == {"a": 1}
 
 
 def test_relative_checkpoint_and_export_paths_work(tmp_path, monkeypatch):
@@ -182,14 +220,14 @@ def test_relative_checkpoint_and_export_paths_work(tmp_path, monkeypatch):
     assert np.array_equal(params["w"], state["w"]) and (tmp_path / "work" / "export" / "model.json").exists()
 
 
-def test_checkpoint_keeps_last_k_and_restores_onto_another_mesh(tmp_path):
-    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=1, keep=2, async_save=False)
+def test_checkpoint_saves_at_the_interval_or_when_forced_keeps_last_k_and_restores_onto_another_mesh(tmp_path):
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=2, keep=2, async_save=False)
     state = _state(sharding.make_mesh((1, 8, 1)))
-    for step in (1, 2, 3):
-        ckpt.save(step, state)
+    assert [step for step in range(1, 6) if ckpt.save(step, state)] == [2, 4]
+    assert ckpt.save(5, state, force=True) and not ckpt.save(5, state, force=True)
     ckpt.close()
     reader = checkpoint.Checkpointer(tmp_path / "ckpt", every_steps=1)
-    assert reader.all_steps() == [2, 3]
+    assert reader.all_steps() == [4, 5]
     other = _state(sharding.make_mesh((2, 1, 4)), spec=P(None, "tensor"))
     restored, _ = reader.restore(jax.tree.map(jnp.zeros_like, other))
     assert restored["params"]["w"].sharding.spec == P(None, "tensor")

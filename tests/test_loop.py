@@ -26,10 +26,22 @@ def _losses(workdir):
 
 
 def test_loop_learns_and_writes_artefacts(tmp_path):
-    config = toy_task.toy_config(steps=60)
-    state = loop.train(config, tmp_path, toy_task.toy_task(config))
+    from tests.test_foundation import read_events
+    config = toy_task.toy_config(steps=60, eval_every=40)
+    task = toy_task.toy_task(config)
+
+    def evaluate(state, step, writer):
+        writer.write_texts(step, {"toy/note": f"evaluated at step {step}"})
+        return {"seen": float(step)}
+    task.evaluate = evaluate
+    state = loop.train(config, tmp_path, task)
     losses = _losses(tmp_path)
     assert losses[60] < 0.3 * losses[5]
+    # The task evaluates through the loop's own writer: one event file holds its scalars and texts.
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    tags = {(e.step, v.tag) for e in read_events(tmp_path / "tensorboard") for v in e.summary.value}
+    assert {(40, "toy/eval/seen"), (60, "toy/eval/seen")} <= tags
+    assert {step for step, tag in tags if tag.startswith("toy/note")} == {40, 60}
     assert int(state["step"]) == 60 and "ema_params" in state
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == 60
 

@@ -18,7 +18,6 @@ from xray_dit.study import context as context_lib
 from xray_dit.study import phases, probe
 from xray_dit.study import report as report_lib
 from xray_dit.train import eval_pass
-from xray_dit.train.classifier import read_predictions
 
 MICRO_NAME = "64_micro"
 # Enough Cardiomegaly that every split holds some (validation thresholds and held-out distances need them).
@@ -107,7 +106,7 @@ def test_arms_and_seeds(study):
 
 def test_bootstrap_resamples_the_test_patients(study):
     """Every CI is computed over test-split patient ids: as many groups as test patients, never images."""
-    test = read_predictions(study["workdir"] / "01_baseline" / "seed_0" / "predictions_test.csv")
+    test = classification.read_predictions(study["workdir"] / "01_baseline" / "seed_0" / "predictions_test.csv")
     compare = study["results"]["07_compare"]
     assert study["bootstrap_patients"], "no bootstrap was run"
     for patient_ids in study["bootstrap_patients"]:

@@ -23,6 +23,7 @@ from xray_dit import checkpoint, sharding
 from xray_dit.data import phantom, pipeline
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.diffusion import schedules
+from xray_dit.evaluation import classification
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import vae as vae_lib
@@ -290,7 +291,7 @@ def test_classifier_end_to_end_writes_test_artefacts(data_dir, tmp_path, monkeyp
 
     for split in ("validation", "test"):
         table = pipeline.metadata_table(config.data, split, data_dir=data_dir)
-        rows = classifier.read_predictions(tmp_path / f"predictions_{split}.csv")
+        rows = classification.read_predictions(tmp_path / f"predictions_{split}.csv")
         assert rows["class_names"] == list(names)
         assert sorted(rows["image_id"]) == sorted(table.image_id)   # every image once, no padding rows
         patient_of = dict(zip(table.image_id, table.patient_id))
@@ -305,7 +306,7 @@ def test_classifier_end_to_end_writes_test_artefacts(data_dir, tmp_path, monkeyp
     assert results["test_confusion"], "no class had both outcomes in validation: the fixture data changed"
     for name, matrix in results["test_confusion"].items():
         assert _png(tmp_path / f"confusion_{name}.png").ndim == 3
-        assert np.sum(matrix) == np.sum(classifier.read_predictions(tmp_path / "predictions_test.csv")["mask"][
+        assert np.sum(matrix) == np.sum(classification.read_predictions(tmp_path / "predictions_test.csv")["mask"][
             :, names.index(name)])
     table_md = (tmp_path / "test_auc.md").read_text()
     assert all(name in table_md for name in names)

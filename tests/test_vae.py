@@ -12,10 +12,13 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
+from configs import base
 from xray_dit import sharding
 from xray_dit.models import vae
 from xray_dit.models.weights import WeightImportError, load_state_dict
 from tests.helpers.golden import assert_close, nhwc
+
+RULES = sharding.axis_rules(base.get_config().mesh.rules)
 
 TINY_GOLDEN_FIELDS = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                           latent_channels=4, norm_num_groups=32)
@@ -268,8 +271,8 @@ def unsharded_loss_and_grads():
 def test_sharded_forward_backward_equals_unsharded(mesh_shape, unsharded_loss_and_grads):
     x, boxed, (ref_loss, ref_grads) = unsharded_loss_and_grads
     mesh = sharding.make_mesh(mesh_shape)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        params = sharding.shard_params(boxed, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        params = sharding.shard_params(boxed, mesh, RULES)
         xs = jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
         got_loss, got_grads = jax.jit(jax.value_and_grad(_vae_loss))(params, xs)
     # The weights really are split: conv channels over fsdp (in) and tensor (out).

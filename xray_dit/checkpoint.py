@@ -1,10 +1,11 @@
 """Orbax checkpoints of a run: train state + data-iterator position + config, saved together.
 
 A rerun of the same command restores the newest complete checkpoint, so preemption costs at most the
-steps since the last save. Orbax writes each step into a temporary folder and renames it when
-complete, so a kill during a write leaves no checkpoint that looks finished; a latest checkpoint that
-is nevertheless unreadable (truncated files, a half-copied bucket) is skipped, with a warning, in
-favour of the one before it.
+steps since the last save. When to save and which checkpoints to keep are Orbax's own policies (a fixed
+interval or JAX's preemption notice; the newest K). Orbax writes each step into a temporary folder and
+renames it when complete, so a kill during a write leaves no checkpoint that looks finished; a latest
+checkpoint that is nevertheless unreadable (truncated files, a half-copied bucket) is skipped, with a
+warning, in favour of the one before it.
 """
 
 from __future__ import annotations
@@ -42,14 +43,19 @@ def _abstract(tree: Any) -> Any:
 
 
 class Checkpointer:
-    """Saves every `every_steps` (and on demand), keeps the newest `keep`, restores the newest readable one."""
+    """Saves every `every_steps` (0: never by itself), on a preemption notice and when forced; keeps the newest
+    `keep`; restores the newest readable one."""
 
     def __init__(self, directory: str | epath.PathLike, *, every_steps: int, keep: int = 3,
                  async_save: bool = True):
         self.directory = _absolute(directory)
-        self.every_steps = int(every_steps)
+        policies = ocp.checkpoint_managers
+        when = [policies.PreemptionCheckpointingPolicy()]
+        if int(every_steps) > 0:
+            when.append(policies.FixedIntervalPolicy(int(every_steps)))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            save_decision_policy=policies.AnySavePolicy(when), preservation_policy=policies.LatestN(keep),
+            create=True, enable_async_checkpointing=async_save,
             # Remove leftovers of writes that were killed half-way, so they are never mistaken for data.
             cleanup_tmp_directories=True)
         on_disk = _step_folders(self.directory)   # listed before the manager removes unfinished ones
@@ -71,7 +77,7 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        return self.every_steps > 0 and step % self.every_steps == 0
+        return self.manager.should_save(step)
 
     def save(self, step: int, state: Any, *, data_iterator: Any = None,
              config: ml_collections.ConfigDict | None = None, force: bool = False) -> bool:
@@ -125,12 +131,6 @@ class Checkpointer:
             raise RuntimeError(f"no readable checkpoint in {self.directory}; tried steps "
                                f"{[s for s, _ in errors]}; last error: {errors[-1][1]}")
         return None
-
-    def restore_config(self, step: int | None = None) -> dict | None:
-        step = self.latest_step if step is None else step
-        if step is None or not self._has_item(step, "config"):
-            return None
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def _has_item(self, step: int, name: str) -> bool:
         return (self.directory / str(step) / name).exists()

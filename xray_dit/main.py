@@ -1,7 +1,9 @@
 """Entry point: `python -m xray_dit.main --config=configs/<file>.py --workdir=<dir> [--config.a.b=value]`.
 
-Parses the config (locked: an unknown key is an error that names it), starts JAX's multi-process runtime
-when there are several processes, checks that the workdir can be written, and runs `config.task`.
+Parses the config (locked: an unknown key or a value of the wrong type is an error that names it), starts
+JAX's multi-process runtime when there are several processes, checks the config and that the workdir can be
+written, and runs `config.task`. Mistakes the user can fix (`UsageError`, `xray_dit.data.DataError`) print
+one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -16,22 +18,24 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
+from ml_collections.config_flags import tuple_parser
 
 from xray_dit import sharding
+from xray_dit.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file with get_config(arg); `file.py:arg` passes arg.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (local path or gs://...); rerun to resume.")
 
-# task name → "module:function(config, workdir)". Imported lazily so that one task's heavy imports
-# (or a task not yet written) never stand in the way of another.
+# task name → (module, function(config, workdir)); None is this module. Imported lazily so that one task's
+# heavy imports never slow down another.
 TASKS = {
-    "check": (None, "run_check", None),
-    "train_classifier": ("xray_dit.train.classifier", "run", "issue #5"),
-    "train_vae": ("xray_dit.train.vae", "run", "issue #5"),
-    "train_dit": ("xray_dit.train.dit", "run", "issue #5"),
-    "sample": ("xray_dit.train.sample", "run", "issue #5"),
-    "study": ("xray_dit.study.phases", "run", "issue #6"),
+    "check": (None, "run_check"),
+    "train_classifier": ("xray_dit.train.classifier", "run"),
+    "train_vae": ("xray_dit.train.vae", "run"),
+    "train_dit": ("xray_dit.train.dit", "run"),
+    "sample": ("xray_dit.train.sample", "run"),
+    "study": ("xray_dit.study.phases", "run"),
 }
 
 
@@ -65,13 +69,13 @@ def _check_argv(argv: list[str]) -> None:
     module = config_flags.config_flags._LoadConfigModule("config", str(path))
     if not callable(getattr(module, "get_config", None)):
         raise UsageError(f"config file {path} defines no get_config(arg=None) function; see configs/quickstart.py")
-    overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    overrides = [a[len("--config."):].split("=", 1) for a in argv[1:] if a.startswith("--config.")]
     if not overrides:
         return
     config = module.get_config(*([config_arg.split(":", 1)[1]] if ":" in config_arg else []))
     known = set(_config_keys(config))
-    for override in overrides:
-        key = override[len("config."):]
+    for key, *value in overrides:
+        override = f"config.{key}"
         if key not in known:
             parent = key.rsplit(".", 1)[0] if "." in key else ""
             while parent and parent not in known:  # deepest part of the key that does exist
@@ -81,6 +85,37 @@ def _check_argv(argv: list[str]) -> None:
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise UsageError(f"unknown config key '{key}' in --{override}=...; the config has no such key."
                              f"{hint} Keys at that level: {', '.join(sorted(siblings))}")
+        if value:
+            _check_override_type(config, key, value[0])
+
+
+# Parsers of the types ml_collections checks overrides against (other types take any text), and their names.
+_PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser(),
+            tuple: tuple_parser.TupleParser()}
+_TYPE_NAMES = {bool: "a bool (true or false)", int: "an int", float: "a float", tuple: "a tuple"}
+
+
+def _check_override_type(config, key: str, text: str) -> None:
+    """`--config.<key>=<text>` must parse as the type of the key's current value (tuples: element by element,
+    where the current elements share one plain type), which ml_collections' own error does not name."""
+    current = config
+    for part in key.split("."):
+        current = current[part]
+    kind = type(current)
+    if kind not in _PARSERS:
+        return
+    elements = {type(v) for v in current} if kind is tuple else set()
+    element = elements.pop() if len(elements) == 1 and elements <= {int, float, str} else None
+    try:
+        value = _PARSERS[kind].parse(text)
+        fits = element is None or all(isinstance(v, element) or (element is float and type(v) is int)
+                                      for v in value)
+    except (ValueError, TypeError, SyntaxError):
+        fits = False
+    if not fits:
+        wanted = f"a tuple of {element.__name__} values" if element else _TYPE_NAMES[kind]
+        raise UsageError(f"--config.{key}={text}: {key} takes {wanted}, like its current value {current!r}, "
+                         f"not {text!r}")
 
 
 def _prepare_workdir(workdir: str) -> epath.Path:
@@ -127,32 +162,39 @@ def _use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
 
 
-def run(config, workdir: str):
-    """Runs `config.task` in `workdir` (importable, so tests call it without a subprocess)."""
+def _check_config(config) -> None:
+    """Config mistakes that would otherwise surface only after data is prepared or models are built."""
     if config.task not in TASKS:
         raise UsageError(f"unknown task {config.task!r}; choose one of: {', '.join(TASKS)}")
-    _use_compilation_cache(config.compilation_cache_dir)
+    try:
+        sharding.resolve_mesh_shape(config.mesh.shape, jax.device_count())
+        sharding.axis_rules(config.mesh.rules)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    uses_target = config.task == "study" or (config.task == "train_dit" and config.dit.class_conditional)
+    if uses_target and config.data.target_class not in config.data.labels:
+        raise UsageError(f"data.target_class {config.data.target_class!r} is not one of data.labels "
+                         f"{tuple(config.data.labels)}; set --config.data.target_class to one of them or add it "
+                         "to --config.data.labels")
     if config.task == "study":
         from xray_dit.train import model_factory
         try:
             model_factory.check_sizes(config)
         except ValueError as e:
             raise UsageError(f"the config's sizes do not fit together: {e}") from e
+
+
+def run(config, workdir: str):
+    """Runs `config.task` in `workdir` (importable, so tests call it without a subprocess)."""
+    _check_config(config)
+    _use_compilation_cache(config.compilation_cache_dir)
     path = _prepare_workdir(workdir)
     if jax.process_index() == 0:
         (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=repr))
-    module_name, function_name, issue = TASKS[config.task]
+    module_name, function_name = TASKS[config.task]
     if module_name is None:
         return globals()[function_name](config, path)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith(module_name.rsplit(".", 1)[0]) and issue:
-            logging.warning("task %r is not implemented yet (%s adds it).", config.task, issue)
-            print(f"task {config.task!r} is not implemented yet ({issue} adds it); nothing was run.")
-            return None
-        raise
-    return getattr(module, function_name)(config, path)
+    return getattr(importlib.import_module(module_name), function_name)(config, path)
 
 
 def main(argv):
@@ -172,7 +214,7 @@ def cli(argv=None) -> None:
     try:
         _check_argv(argv)
         app.run(main, argv=argv)
-    except UsageError as e:
+    except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -2,8 +2,8 @@
 
 Models annotate every weight with *logical* axis names (`nn.with_logical_partitioning`) and
 activations with `nn.with_logical_constraint`; this module maps those names onto the physical mesh
-axes `data`, `fsdp` and `tensor`. Changing the parallelism of a run is a config change
-(`config.mesh`), never a model change.
+axes `data`, `fsdp` and `tensor` by the rules table `config.mesh.rules` (configs/base.py). Changing the
+parallelism of a run is a config change, never a model change.
 
 Logical names used by the models:
 
@@ -29,25 +29,24 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Batch dimension of every global array: split over both data-parallel axes.
 BATCH_AXES = ("data", "fsdp")
 
-# Logical name → mesh axis (or None = replicated). FSDP shards the model width; tensor parallelism
-# shards the MLP hidden and attention-feature dimensions (Megatron style).
-LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("act_batch", BATCH_AXES),
-    ("act_len", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_height", None),
-    ("act_width", None),
-    ("act_channels", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("conv_in", "fsdp"),
-    ("conv_out", "tensor"),
-    ("classes", None),
-    ("norm", None),
-)
+# (logical name, mesh axis | tuple of mesh axes | None = replicated) pairs, as Flax's logical rules take them.
+Rules = tuple[tuple[str, Any], ...]
+
+
+def axis_rules(rules: Sequence[Sequence[Any]]) -> Rules:
+    """`config.mesh.rules` as Flax takes them (tuples, also after a JSON round trip), checked against the mesh."""
+    checked = []
+    for entry in rules:
+        if len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(f"config.mesh.rules entries are (logical name, mesh axes) pairs, got {entry!r}")
+        name, axes = entry
+        axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        unknown = [a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"config.mesh.rules maps {name!r} to {unknown}, which are not mesh axes; "
+                             f"use {MESH_AXES} or None")
+        checked.append((name, axes))
+    return tuple(checked)
 
 
 def maybe_initialize_distributed() -> None:
@@ -113,8 +112,7 @@ def _fit_spec_to_shape(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*fitted)
 
 
-def logical_to_shardings(abstract_tree: Any, mesh: Mesh,
-                         rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a (possibly abstract) pytree whose leaves carry logical annotations.
 
     `abstract_tree` is typically `jax.eval_shape(init_fn, ...)`, still holding the
@@ -136,23 +134,15 @@ def unbox(tree: Any) -> Any:
                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Sharding of a global batch: leading dim over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_params(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+def shard_params(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """Places a concrete, annotated params tree on the mesh; returns the unboxed, sharded tree."""
     shardings = logical_to_shardings(tree, mesh, rules)
     return jax.device_put(unbox(tree), shardings)
-
-
-def global_batch_size(local_batch_size: int) -> int:
-    return local_batch_size * jax.process_count()
 
 
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:

@@ -66,7 +66,7 @@ def main():
     if kill_at is not None:
         config.dit.train.eval_every = 1
 
-        def die_at(state, step):  # runs after update `step`, before that step's checkpoint
+        def die_at(state, step, writer):  # runs after update `step`, before that step's checkpoint
             if step == kill_at:
                 os.kill(os.getpid(), 9)  # SIGKILL: no handler, no cleanup
             return {}

@@ -5,7 +5,7 @@
       → this process's share (process_index :: process_count)
       → read + decode PNG → (train) augment → float32 in [-1, 1], (H, W, 1)
       → batch of batch_size / process_count → [mp_prefetch workers]
-      → numpy batches; `to_global(batch, mesh)` makes them sharded global arrays
+      → numpy batches; `sharding.host_to_global(batch, mesh)` makes them sharded global arrays
 
 A batch holds numeric arrays only:
     image         (B, H, W, 1) float32 in [-1, 1]
@@ -38,8 +38,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from xray_dit import sharding
-from xray_dit.data import builders, splits
+from xray_dit.data import DataError, builders, splits
 from xray_dit.data.builders import common
 from xray_dit.data.synthetic import MANIFEST, SyntheticSource
 
@@ -77,7 +76,7 @@ class DataConfig:
             return config
         values = _as_dict(config)
         if not values.get("name"):
-            raise ValueError("the data config needs a dataset name (config.data.name)")
+            raise DataError("the data config names no dataset; set --config.data.name=...")
         augment = _as_dict(values.get("augment") or {})
         return cls(
             name=str(values["name"]),
@@ -116,8 +115,8 @@ def load_builder(config: Any, *, data_dir: str | os.PathLike | None = None) -> t
     builder = builders.load_prepared(cfg.name, cfg.builder_config or None, data_dir=data_dir or cfg.data_dir)
     size = builders.image_size(builder)
     if cfg.image_size and cfg.image_size != size:
-        raise ValueError(f"config.data.image_size={cfg.image_size} but {_name(builder)} holds {size}x{size} "
-                         "images; choose the builder config of that size")
+        raise DataError(f"config.data.image_size={cfg.image_size} but {_name(builder)} holds {size}x{size} "
+                        "images; choose the builder config of that size (--config.data.builder_config=...)")
     return builder
 
 
@@ -162,26 +161,9 @@ def metadata_table(config: Any, split: str, *, data_dir: str | os.PathLike | Non
     return _read_table(builder, split)
 
 
-def lookup_ids(batch: Mapping[str, np.ndarray], table: splits.MetadataTable,
-               synthetic_table: splits.MetadataTable | None = None) -> list[tuple[str, str]]:
-    """(image_id, patient_id) of every valid element of a batch, via its `index` and `is_synthetic`."""
-    ids = []
-    for index, is_synthetic, valid in zip(batch["index"], batch["is_synthetic"], batch["valid"]):
-        if not valid:
-            continue
-        source = table
-        if is_synthetic:
-            if synthetic_table is None:
-                raise ValueError("the batch holds synthetic images; pass the synthetic source's table")
-            source = synthetic_table
-        ids.append((str(source.image_id[index]), str(source.patient_id[index])))
-    return ids
-
-
 def _require_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
     if split not in builder.info.splits:
-        raise ValueError(f"{_name(builder)} has no split {split!r}; "
-                         f"it has {list(builder.info.splits)}")
+        raise DataError(f"{_name(builder)} has no split {split!r}; it has {list(builder.info.splits)}")
 
 
 # ---- The epoch plan ----------------------------------------------------------------------------
@@ -395,8 +377,8 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     if only_class is not None:
         real = table.positives(only_class)
         if not len(real):
-            raise ValueError(f"{what} has no image known positive for {only_class!r}; nothing to train on. "
-                             f"Positives per label: {_positive_counts(table)}")
+            raise DataError(f"{what} has no image known positive for {only_class!r}; nothing to train on. "
+                            f"Positives per label: {_positive_counts(table)}")
     groups = None
     if train and cfg.balanced_sampling:
         groups = _class_groups(table, columns, real, label_names, what)
@@ -412,8 +394,8 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     plan = _EpochPlan(real=real, groups=groups, synthetic=synthetic_indices, shuffle=train, seed=seed,
                       pad_to=1 if train else batch_size)
     if train and plan.unpadded_length < batch_size:
-        raise ValueError(f"{what} has {plan.unpadded_length} images after filtering/mixing, fewer than one "
-                         f"global batch of {batch_size}; lower the batch size or add data")
+        raise DataError(f"{what} has {plan.unpadded_length} images after filtering/mixing, fewer than one "
+                        f"global batch of {batch_size}; lower the batch size or add data")
 
     ds: grain.MapDataset = _PlannedEntries(plan)
     epochs = num_epochs if num_epochs is not None else (None if train else 1)
@@ -443,11 +425,6 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     return iter_ds
 
 
-def to_global(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """This process's numpy batch → global arrays sharded over the mesh's batch axes."""
-    return sharding.host_to_global(dict(batch), mesh)
-
-
 def _positive_counts(table: splits.MetadataTable) -> dict[str, int]:
     known_positive = (table.labels == 1) & (table.label_mask == 1)
     return {name: int(n) for name, n in zip(table.label_names, known_positive.sum(axis=0))}
@@ -467,7 +444,7 @@ def _class_groups(table: splits.MetadataTable, columns: np.ndarray, real: np.nda
     if empty:
         logging.warning("%s: balanced sampling skips label(s) without positives: %s", what, empty)
     if not groups:
-        raise ValueError(f"{what}: balanced sampling found no class with any image")
+        raise DataError(f"{what}: balanced sampling found no class with any image")
     return tuple(groups)
 
 

@@ -13,11 +13,13 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from xray_dit.data import DataError
+
 # How many leaked patients an error message lists before summarising the rest as a count.
 _MAX_LISTED = 20
 
 
-class PatientLeakError(ValueError):
+class PatientLeakError(DataError):
     """The same patient appears in more than one split."""
 
 
@@ -31,13 +33,12 @@ def check_patient_disjoint(patients_by_split: Mapping[str, Iterable[str]], *, da
     if not leaked:
         return
     listed = sorted(leaked)[:_MAX_LISTED]
-    lines = [f"  {p}: {', '.join(leaked[p])}" for p in listed]
-    if len(leaked) > len(listed):
-        lines.append(f"  ... and {len(leaked) - len(listed)} more")
+    names = "; ".join(f"{p}: {', '.join(leaked[p])}" for p in listed)
+    more = f"; and {len(leaked) - len(listed)} more" if len(leaked) > len(listed) else ""
     raise PatientLeakError(
-        f"{dataset}: {len(leaked)} patient(s) appear in more than one split, which would leak patients "
-        "between training and evaluation:\n" + "\n".join(lines) +
-        "\nRe-prepare the dataset (its split lists or CSVs are inconsistent) or fix the split assignment.")
+        f"{dataset}: {len(leaked)} patient(s) appear in more than one split, which would leak patients between "
+        f"training and evaluation ({names}{more}). Re-prepare the dataset (its split lists or CSVs are "
+        "inconsistent) or fix the split assignment.")
 
 
 def carve_validation_patients(patient_ids: Iterable[str], fraction: float, seed: int) -> frozenset[str]:
@@ -52,8 +53,8 @@ def carve_validation_patients(patient_ids: Iterable[str], fraction: float, seed:
     if fraction == 0.0 or len(patients) == 0:
         return frozenset()
     if len(patients) < 2:
-        raise ValueError(f"cannot carve a validation split by patient out of {len(patients)} patient(s); "
-                         "set the validation fraction to 0 or provide more patients")
+        raise DataError(f"cannot carve a validation split by patient out of {len(patients)} patient(s); "
+                        "set the validation fraction to 0 or provide more patients")
     count = min(len(patients) - 1, max(1, round(fraction * len(patients))))
     chosen = np.random.default_rng(seed).permutation(len(patients))[:count]
     return frozenset(patients[chosen].tolist())
@@ -82,7 +83,8 @@ class MetadataTable:
         """Column indices of `names` in this table's labels, or a ValueError listing the known names."""
         unknown = [n for n in names if n not in self.label_names]
         if unknown:
-            raise ValueError(f"unknown label(s) {unknown}; this dataset's labels are {list(self.label_names)}")
+            raise DataError(f"unknown label(s) {unknown}; this dataset's labels are {list(self.label_names)} "
+                            "(--config.data.labels=...)")
         return np.array([self.label_names.index(n) for n in names], dtype=np.int64)
 
     def positives(self, name: str) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from xray_dit.data import splits
+from xray_dit.data import DataError, splits
 from xray_dit.data.builders import common
 
 MANIFEST = "manifest.csv"
@@ -35,30 +35,30 @@ class SyntheticSource:
         self.label_names = tuple(label_names)
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
-            raise FileNotFoundError(f"no {MANIFEST} in the synthetic folder {self.folder}; it needs columns "
-                                    "file,label (see xray_dit.data.synthetic.write_synthetic)")
+            raise DataError(f"no {MANIFEST} in the synthetic folder {self.folder}; it needs columns "
+                            "file,label (see xray_dit.data.synthetic.write_synthetic)")
         with manifest.open() as f:
             reader = csv.DictReader(f)
             missing = [c for c in ("file", "label") if c not in (reader.fieldnames or [])]
             if missing:
-                raise ValueError(f"{manifest}: missing column(s) {missing}; found {reader.fieldnames}")
+                raise DataError(f"{manifest}: missing column(s) {missing}; found {reader.fieldnames}")
             self.rows: list[dict[str, str]] = list(reader)
         if not self.rows:
-            raise ValueError(f"{manifest} lists no images")
+            raise DataError(f"{manifest} lists no images; regenerate the folder or point elsewhere")
 
         self.files = [row["file"] for row in self.rows]
         absent = [name for name in self.files if not (self.folder / name).is_file()]
         if absent:
-            raise FileNotFoundError(f"{len(absent)} file(s) listed in {manifest} do not exist: "
-                                    f"{absent[:_MAX_LISTED]}{' ...' if len(absent) > _MAX_LISTED else ''}. "
-                                    "Restore them (a rerun of the sample task regenerates missing images) or "
-                                    "remove their rows from the manifest")
+            raise DataError(f"{len(absent)} file(s) listed in {manifest} do not exist: "
+                            f"{absent[:_MAX_LISTED]}{' ...' if len(absent) > _MAX_LISTED else ''}. "
+                            "Restore them (a rerun of the sample task regenerates missing images) or "
+                            "remove their rows from the manifest")
         named = [[n.strip() for n in row["label"].split("|") if n.strip()] for row in self.rows]
         unknown = sorted({n for names in named for n in names} - set(self.label_names))
         if unknown:
-            raise ValueError(f"{manifest} uses label(s) {unknown} that the real dataset does not have; "
-                             f"its labels are {list(self.label_names)}. Correct the manifest's label column "
-                             "(several labels as 'A|B') or mix the folder into a dataset with those labels")
+            raise DataError(f"{manifest} uses label(s) {unknown} that the real dataset does not have; "
+                            f"its labels are {list(self.label_names)}. Correct the manifest's label column "
+                            "(several labels as 'A|B') or mix the folder into a dataset with those labels")
         self.labels = np.stack([common.multi_hot(names, self.label_names) for names in named])
         self.label_mask = np.ones_like(self.labels) if unlisted == "negative" else self.labels.copy()
 

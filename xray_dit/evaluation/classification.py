@@ -15,12 +15,12 @@ Two ways to put an uncertainty on an AUC:
 from __future__ import annotations
 
 import csv
-import pathlib
 from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import scipy.sparse
 import scipy.stats
+from etils import epath
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 
@@ -36,14 +36,6 @@ class BootstrapCI(NamedTuple):
     lower: float
     upper: float
     replicates: np.ndarray  # (n_boot,); NaN where a resample held only one class
-
-
-class Predictions(NamedTuple):
-    image_ids: np.ndarray  # (N,) str
-    patient_ids: np.ndarray  # (N,) str
-    labels: np.ndarray  # (N, C) float; whatever was written, e.g. -1 for an uncertain label
-    probs: np.ndarray  # (N, C) float64
-    class_names: list[str]
 
 
 class DeLongResult(NamedTuple):
@@ -162,17 +154,6 @@ def confusion(labels, probs, threshold: float) -> np.ndarray:
     return confusion_matrix(labels, (probs >= threshold).astype(np.int8), labels=[0, 1])
 
 
-def sensitivity_specificity(cm: np.ndarray) -> tuple[float, float]:
-    """(TP / (TP + FN), TN / (TN + FP)) from a `confusion` matrix; NaN where a row is empty."""
-    cm = np.asarray(cm, dtype=np.float64)
-    if cm.shape != (2, 2):
-        raise ValueError(f"expected a 2x2 confusion matrix [[TN, FP], [FN, TP]], got shape {cm.shape}")
-    (tn, fp), (fn, tp) = cm
-    sensitivity = tp / (tp + fn) if tp + fn else float("nan")
-    specificity = tn / (tn + fp) if tn + fp else float("nan")
-    return float(sensitivity), float(specificity)
-
-
 def _format_cell(value, digits: int) -> str:
     if isinstance(value, (tuple, list)):
         estimate, lower, upper = (float(v) for v in tuple(value)[:3])
@@ -221,43 +202,51 @@ def mean_sd_over_seeds(values) -> tuple[float, float]:
 
 
 # ---- predictions file ---------------------------------------------------------------------------------------
-def write_predictions_csv(path, image_ids, patient_ids, labels, probs, class_names: Sequence[str]) -> pathlib.Path:
-    """One row per image: image_id, patient_id, then `label/<class>` and `prob/<class>` columns.
+def write_predictions(path, image_ids, patient_ids, labels, probs, class_names: Sequence[str], mask=None) -> None:
+    """One row per image: image_id, patient_id, then `label_<class>` and `prob_<class>` columns.
 
-    Arms are compared later on the same test images (`read_predictions_csv`, joined on image_id); the
-    patient id travels along for the patient bootstrap.
+    A label that `mask` marks unknown (False) is written as an empty cell. Arms are compared later on the
+    same test images (`read_predictions`, joined on image_id); the patient id travels along for the
+    patient bootstrap.
     """
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    mask = np.ones(labels.shape, bool) if mask is None else np.asarray(mask, bool)
     n = len(image_ids)
-    if labels.shape != (n, len(class_names)) or probs.shape != labels.shape or len(patient_ids) != n:
-        raise ValueError(f"need {n} image ids and patient ids and (N, C) = ({n}, {len(class_names)}) labels and "
-                         f"probs, got {len(patient_ids)} patient ids, labels {labels.shape}, probs {probs.shape}")
-    path = pathlib.Path(path)
+    if labels.shape != (n, len(class_names)) or probs.shape != labels.shape or mask.shape != labels.shape \
+            or len(patient_ids) != n:
+        raise ValueError(f"need {n} image ids and patient ids and (N, C) = ({n}, {len(class_names)}) labels, probs "
+                         f"and mask, got {len(patient_ids)} patient ids, labels {labels.shape}, probs {probs.shape}, "
+                         f"mask {mask.shape}")
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image_id", "patient_id"] + [f"label/{c}" for c in class_names]
-                        + [f"prob/{c}" for c in class_names])
+    with path.open("w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image_id", "patient_id", *[f"label_{c}" for c in class_names],
+                         *[f"prob_{c}" for c in class_names]])
         for i in range(n):
-            writer.writerow([image_ids[i], patient_ids[i]] + [f"{v:g}" for v in labels[i]]
-                            + [f"{v:.9g}" for v in probs[i]])  # 9 digits keep float32 exact
-    return path
+            writer.writerow([image_ids[i], patient_ids[i], *[f"{v:g}" if m else "" for v, m in zip(labels[i], mask[i])],
+                             *[f"{p:.9g}" for p in probs[i]]])  # 9 digits keep float32 exact
 
 
-def read_predictions_csv(path) -> Predictions:
-    """Reads a `write_predictions_csv` file back."""
-    with pathlib.Path(path).open(newline="") as f:
+def read_predictions(path) -> dict[str, object]:
+    """A `write_predictions` file → {image_id, patient_id (N,), labels, mask, probs (N, C), class_names};
+    unknown labels read as 0 with mask False."""
+    with epath.Path(path).open() as f:
         rows = list(csv.reader(f))
     if not rows or rows[0][:2] != ["image_id", "patient_id"]:
         raise ValueError(f"{path} is not a predictions file (its header must start with image_id,patient_id)")
-    header = rows[0]
-    class_names = [h[len("label/"):] for h in header if h.startswith("label/")]
-    if header[2:] != [f"label/{c}" for c in class_names] + [f"prob/{c}" for c in class_names]:
-        raise ValueError(f"{path}: expected label/<class> then prob/<class> columns, got {header[2:]}")
-    body = rows[1:]
-    values = np.array([row[2:] for row in body], dtype=np.float64).reshape(len(body), 2 * len(class_names))
-    return Predictions(np.array([row[0] for row in body], dtype=str), np.array([row[1] for row in body], dtype=str),
-                       values[:, :len(class_names)], values[:, len(class_names):], class_names)
+    header, body = rows[0], rows[1:]
+    names = [h[len("label_"):] for h in header[2:] if h.startswith("label_")]
+    c = len(names)
+    if header[2:] != [f"label_{n}" for n in names] + [f"prob_{n}" for n in names]:
+        raise ValueError(f"{path}: expected label_<class> then prob_<class> columns, got {header[2:]}")
+    cells = np.array([row[2:2 + c] for row in body], dtype=object).reshape(len(body), c)
+    mask = cells != ""
+    labels = np.where(mask, cells, "0").astype(np.float32)
+    probs = np.array([row[2 + c:] for row in body], dtype=np.float32).reshape(len(body), c)
+    return {"image_id": np.array([row[0] for row in body], dtype=str),
+            "patient_id": np.array([row[1] for row in body], dtype=str),
+            "labels": labels, "mask": mask, "probs": probs, "class_names": names}
 
 
 # ---- patient-level bootstrap -----------------------------------------------------------------------------
@@ -386,12 +375,6 @@ def delong_covariance(labels, score_sets) -> tuple[np.ndarray, np.ndarray]:
     aucs = v10.mean(axis=1)
     covariance = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
     return aucs, covariance
-
-
-def delong_roc_variance(labels, scores) -> tuple[float, float]:
-    """(AUC, DeLong variance of the AUC) for one score vector."""
-    aucs, covariance = delong_covariance(labels, np.asarray(scores, dtype=np.float64)[None])
-    return float(aucs[0]), float(covariance[0, 0])
 
 
 def delong_test(labels, scores_a, scores_b) -> DeLongResult:

@@ -16,7 +16,6 @@ from etils import epath
 from xray_dit.evaluation import classification, ctr_oracle, plots, privacy, synthesis
 from xray_dit.study import filters, probe
 from xray_dit.study.context import StudyContext
-from xray_dit.train.classifier import read_predictions
 
 BASELINE = "real only"
 ALPHA = 0.05
@@ -33,7 +32,8 @@ def all_arms(context: StudyContext) -> dict[str, dict]:
 
 def _ensemble(runs: dict, split: str) -> dict:
     """Seed-ensemble predictions: mean probability over seeds, rows aligned by image id."""
-    preds = [read_predictions(epath.Path(run["workdir"]) / f"predictions_{split}.csv") for run in runs.values()]
+    preds = [classification.read_predictions(epath.Path(run["workdir"]) / f"predictions_{split}.csv")
+             for run in runs.values()]
     for other in preds[1:]:
         if not np.array_equal(other["image_id"], preds[0]["image_id"]):
             raise ValueError(f"{split} predictions of different seeds list different images")

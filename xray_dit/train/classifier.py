@@ -11,7 +11,6 @@ nothing else: no threshold, no model selection.
 
 from __future__ import annotations
 
-import csv
 import json
 from typing import Any
 
@@ -53,31 +52,6 @@ def layer_decay_multipliers(params: Any, depth: int, decay: float) -> Any:
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
         {path: float(decay ** (depth + 1 - eva02_lib.layer_id(path, depth))) for path in flat})
-
-
-def write_predictions(path: epath.Path, table, out: dict, class_names) -> None:
-    with path.open("w") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image_id", "patient_id", *[f"label_{c}" for c in class_names],
-                         *[f"prob_{c}" for c in class_names]])
-        for i, index in enumerate(out["index"]):
-            writer.writerow([table.image_id[index], table.patient_id[index],
-                             *[int(v) if m else "" for v, m in zip(out["labels"][i], out["label_mask"][i])],
-                             *[f"{p:.6f}" for p in out["probs"][i]]])
-
-
-def read_predictions(path: str | epath.PathLike) -> dict[str, Any]:
-    """predictions_*.csv → {image_id, patient_id (N,), labels, mask, probs (N, C), class_names}."""
-    with epath.Path(path).open() as f:
-        rows = list(csv.reader(f))
-    header, rows = rows[0], rows[1:]
-    names = [h[len("label_"):] for h in header if h.startswith("label_")]
-    c = len(names)
-    labels = np.array([[float(v) if v != "" else 0.0 for v in r[2:2 + c]] for r in rows], np.float32).reshape(-1, c)
-    mask = np.array([[v != "" for v in r[2:2 + c]] for r in rows], bool).reshape(-1, c)
-    probs = np.array([[float(v) for v in r[2 + c:]] for r in rows], np.float32).reshape(-1, c)
-    return {"image_id": np.array([r[0] for r in rows]), "patient_id": np.array([r[1] for r in rows]),
-            "labels": labels, "mask": mask, "probs": probs, "class_names": names}
 
 
 def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=None,
@@ -137,7 +111,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     best_info_path = workdir / "best.json"
     best_validation = {}   # step → validation predictions of the kept parameters (this process only)
 
-    def evaluate(state, step):
+    def evaluate(state, step, writer):
+        del writer   # the loop writes the returned AUCs
         params = state.get("ema_params", state["params"])
         out = predictions(params, "validation")
         aucs = classification.per_class_auc(out["labels"], out["probs"], class_names, out["label_mask"] > 0)
@@ -194,7 +169,10 @@ def evaluate_on_test(config, workdir, predictions, params, class_names, director
     results["test_confusion"] = confusion
     if jax.process_index() == 0:
         for split, out in (("validation", val), ("test", test)):
-            write_predictions(workdir / f"predictions_{split}.csv", tables[split], out, class_names)
+            table = tables[split]
+            classification.write_predictions(workdir / f"predictions_{split}.csv", table.image_id[out["index"]],
+                                             table.patient_id[out["index"]], out["labels"], out["probs"],
+                                             class_names, mask=out["label_mask"] > 0)
         (workdir / "test_auc.md").write_text(classification.auc_table_markdown({"test AUC": test_aucs}))
         curves = classification.roc_curves(test["labels"], test["probs"], class_names, test["label_mask"] > 0)
         if curves:

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from xray_dit import checkpoint, metric_writer, sharding
+from xray_dit import checkpoint, sharding
 from xray_dit.data import prepared
 from xray_dit.diffusion import losses, samplers, schedules
 from xray_dit.evaluation import plots
@@ -40,7 +40,8 @@ def restore_target(boxed_abstract: Any, mesh, config: ml_collections.ConfigDict)
     Without shardings Orbax restores onto the devices the export was saved from (device 0 of the run
     that trained it), which a jitted call on another mesh refuses.
     """
-    shardings = sharding.logical_to_shardings(boxed_abstract, mesh or sharding.make_mesh(config.mesh.shape))
+    shardings = sharding.logical_to_shardings(boxed_abstract, mesh or sharding.make_mesh(config.mesh.shape),
+                                              sharding.axis_rules(config.mesh.rules))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         sharding.unbox(boxed_abstract), shardings)
 
@@ -232,15 +233,13 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
     grid_noise = jax.random.normal(jax.random.PRNGKey(1234), (16, height, width, channels))
     grid_labels = jnp.full((16,), class_names.index(target) if class_names else 0, jnp.int32)
 
-    def sample_grid(state, step):
+    def sample_grid(state, step, writer):
         params = state.get("ema_params", state["params"])
         images = plots.to_uint8(sharding.global_to_host(grid_sampler(params, vae_params, grid_noise, grid_labels,
                                                                       jax.random.PRNGKey(0))))
         if jax.process_index() == 0:
             plots.save_grid(images, workdir / "samples" / f"step_{step:07d}.png", ncol=4)
-            writer = metric_writer.MetricWriter(workdir / "tensorboard")
             writer.write_images(step, {"dit/samples_ema": images[..., None]})
-            writer.close()
         return {}
 
     task = loop.TrainTask(

@@ -47,8 +47,9 @@ class TrainTask:
     loss_fn: LossFn
     train: ml_collections.ConfigDict              # config.<task>.train
     data: grain.DatasetIterator                   # iter() of a grain.IterDataset of numpy batches
-    # state -> scalars; called every train.eval_every steps and at the end. May write artefacts.
-    evaluate: Callable[[dict, int], Mapping[str, float]] | None = None
+    # (state, step, the loop's writer) -> scalars, which the loop writes; called every train.eval_every steps
+    # and at the end. May write artefacts, and images or texts through the writer.
+    evaluate: Callable[[dict, int, metric_writer.MetricWriter], Mapping[str, float]] | None = None
     # Parameters to start from (imported/pretrained), same tree as init_params' output (unboxed).
     initial_params: Params | None = None
     # Per-parameter learning-rate multipliers (layer-wise decay); same tree as params.
@@ -210,7 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
     # ---- Mesh -------------------------------------------------------------------------------------
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
     sharding.local_batch_size(int(train_cfg.batch_size), mesh)  # validates divisibility early
-    rules = sharding.LOGICAL_AXIS_RULES
+    rules = sharding.axis_rules(config.mesh.rules)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ---- Model and state, initialised directly sharded --------------------------------------
@@ -297,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
 
 def _evaluate(task: TrainTask, state: dict, step: int, writer: metric_writer.MetricWriter) -> None:
     start = time.perf_counter()
-    results = task.evaluate(state, step) or {}
+    results = task.evaluate(state, step, writer) or {}
     if results:
         writer.write_scalars(step, {f"{task.name}/eval/{k}": v for k, v in results.items()})
         logging.info("[%s] eval at step %d (%.1fs): %s", task.name, step, time.perf_counter() - start,

@@ -135,9 +135,9 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
 
     latest_eval: dict = {}
 
-    def evaluate(state, step):
+    def evaluate(state, step, writer):
         out = eval_pass.run_over_split(reconstruct, state["params"], config, directory, "validation", mesh,
-                                    batch_size=eval_bs, keys=("index",))
+                                       batch_size=eval_bs, keys=("index",))
         images, recon = out["image"][..., 0], out["recon"][..., 0]
         metrics = {"psnr": float(np.mean(psnr(images, recon))),
                    "ssim": float(np.mean([synthesis.ssim(a, b, value_range=(-1.0, 1.0)) for a, b in zip(images[:256], recon[:256])]))}
@@ -145,6 +145,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
             n = min(8, len(images))
             pairs = np.concatenate([plots.to_uint8(images[:n]), plots.to_uint8(recon[:n])])
             plots.save_grid(pairs, workdir / "reconstructions" / f"step_{step:07d}.png", ncol=n)
+            writer.write_images(step, {"vae/reconstructions": pairs[..., None]})
         if config.data.name == "cxr_phantom":
             metrics.update(ctr_preservation(images, recon))
         latest_eval.clear()

@@ -16,6 +16,7 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
+from xray_dit.data import DataError
 from xray_dit.data.builders import chexpert, cxr_phantom, medmnist, nih_chestxray14
 from xray_dit.data.builders.common import (REPORT_FILE, SKIP_IMAGE_DECODING, CxrBuilder, ManualDataMissingError,
                                            TooManyBadRecordsError)
@@ -25,12 +26,12 @@ BUILDERS: dict[str, type[CxrBuilder]] = {
                               cxr_phantom.CxrPhantom)
 }
 
-__all__ = ["BUILDERS", "REPORT_FILE", "SKIP_IMAGE_DECODING", "CxrBuilder", "ManualDataMissingError",
+__all__ = ["BUILDERS", "REPORT_FILE", "SKIP_IMAGE_DECODING", "CxrBuilder", "DataError", "ManualDataMissingError",
            "NotPreparedError", "TooManyBadRecordsError", "get_builder", "image_size", "label_names",
            "load_prepared", "prepare"]
 
 
-class NotPreparedError(FileNotFoundError):
+class NotPreparedError(DataError):
     """No complete prepared copy of the dataset under data_dir."""
 
 
@@ -43,7 +44,7 @@ def get_builder(name: str, builder_config: str | tfds.core.BuilderConfig | None 
                              f"({builder_config!r}), not both")
         name, builder_config = name.split("/", 1)
     if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+        raise DataError(f"unknown dataset {name!r}; use one of {sorted(BUILDERS)} (--config.data.name=...)")
     cls = BUILDERS[name]
     if isinstance(builder_config, str) and builder_config:
         builder_config = cls.named_config(builder_config)
@@ -79,7 +80,7 @@ def load_prepared(name: str, builder_config: str | None = None, *,
     if "/" in name:
         name, builder_config = name.split("/", 1)
     if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+        raise DataError(f"unknown dataset {name!r}; use one of {sorted(BUILDERS)} (--config.data.name=...)")
     cls = BUILDERS[name]
     builder_config = builder_config or cls.DEFAULT_CONFIG_NAME
     if not data_dir:

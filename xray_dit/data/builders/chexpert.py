@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from xray_dit.data import splits
+from xray_dit.data import DataError, splits
 from xray_dit.data.builders import common
 
 LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -181,5 +181,5 @@ class Chexpert(common.CxrBuilder):
             reader = csv.DictReader(f)
             missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+                raise DataError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
             return [row for row in reader if row.get("Path")]

@@ -32,23 +32,27 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
+from xray_dit.data import DataError
+
 UNKNOWN_AGE = -1.0
 # More bad rows than this (per split) means the download is damaged, not a few bad files.
 MAX_BAD_FRACTION = 0.01
+# How many bad rows the error of a damaged download names before summarising the rest as a count.
+_MAX_LISTED = 10
 REPORT_FILE = "prepare_report.tsv"
 # Decoders that leave the PNG bytes alone: the pipeline decodes them itself (in its workers).
 SKIP_IMAGE_DECODING = {"image": tfds.decode.SkipDecoding()}
 
 
-class ManualDataMissingError(FileNotFoundError):
+class ManualDataMissingError(DataError):
     """The manually downloaded files are not where the builder looked."""
 
 
-class TooManyBadRecordsError(RuntimeError):
+class TooManyBadRecordsError(DataError):
     """More than `MAX_BAD_FRACTION` of a split's rows had a missing or unreadable image."""
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An image file that cannot be decoded (corrupt, truncated, unsupported)."""
 
 
@@ -218,11 +222,14 @@ class PrepareReport:
     def check(self) -> None:
         total = sum(self.rows.values())
         if total and len(self.bad) > MAX_BAD_FRACTION * total:
-            listing = "\n".join(f"  {split}\t{image_id}\t{path}\t{why}" for split, image_id, path, why in self.bad)
+            listing = "; ".join(f"{split} {image_id} ({path}: {why})" for split, image_id, path, why
+                                in self.bad[:_MAX_LISTED])
+            more = f"; and {len(self.bad) - _MAX_LISTED} more" if len(self.bad) > _MAX_LISTED else ""
             raise TooManyBadRecordsError(
                 f"{self.dataset}: {len(self.bad)} of {total} rows ({100.0 * len(self.bad) / total:.1f} %, more "
                 f"than {100 * MAX_BAD_FRACTION:.0f} %) have a missing or unreadable image; the download looks "
-                f"incomplete or damaged. Nothing was written. The bad rows:\n{listing}")
+                f"incomplete or damaged, so nothing was written. Download the missing files again and rerun. "
+                f"Bad rows: {listing}{more}")
 
 
 # ---- Row conversion, optionally in worker processes ---------------------------------------------
@@ -343,10 +350,10 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return path
 
     def missing_message(self, looked_at: epath.PathLike | None, what: str) -> str:
-        return (f"{self.name}: {what} was not found; looked at: {looked_at}.\n"
-                f"Pass the folder with download_config=tfds.download.DownloadConfig(manual_dir=...) "
-                f"(or --manual_dir to `python -m xray_dit.data.builders.prepare`).\n"
-                f"Download instructions:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        instructions = " ".join(self.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+        return (f"{self.name}: {what} was not found (looked at: {looked_at}). Point to the downloaded dataset "
+                f"with --config.data.manual_dir=<folder> (or --manual_dir=<folder> for "
+                f"`python -m xray_dit.data.builders.prepare`). To download it: {instructions}")
 
     def require_file(self, candidates: Sequence[epath.Path], what: str) -> epath.Path:
         for candidate in candidates:

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
+from xray_dit.data import DataError
 from xray_dit.data.builders import common
 from xray_dit.data.builders import nih_chestxray14
 
@@ -51,11 +52,11 @@ def _labels_from_file(subset: str, raw: np.ndarray) -> np.ndarray:
     raw = np.asarray(raw).reshape(len(raw), -1).astype(np.float32)
     if subset == "chestmnist":
         if raw.shape[1] != 14:
-            raise ValueError(f"ChestMNIST labels should have 14 columns, got {raw.shape}")
+            raise DataError(f"ChestMNIST labels should have 14 columns, got {raw.shape}; download the file again")
         no_finding = (raw.sum(axis=1, keepdims=True) == 0).astype(np.float32)
         return np.concatenate([raw, no_finding], axis=1)
     if raw.shape[1] != 1:
-        raise ValueError(f"PneumoniaMNIST labels should have 1 column, got {raw.shape}")
+        raise DataError(f"PneumoniaMNIST labels should have 1 column, got {raw.shape}; download the file again")
     return np.concatenate([raw, 1.0 - raw], axis=1)
 
 
@@ -90,7 +91,7 @@ class Medmnist(common.CxrBuilder):
         missing = [f"{prefix}_{kind}" for prefix in _SPLITS.values() for kind in ("images", "labels")
                    if f"{prefix}_{kind}" not in arrays]
         if missing:
-            raise ValueError(f"{path}: missing array(s) {missing}; found {sorted(arrays)}")
+            raise DataError(f"{path}: missing array(s) {missing}; found {sorted(arrays)}; download the file again")
         for split, prefix in _SPLITS.items():
             self._report.expect(split, len(arrays[f"{prefix}_labels"]))
         return {split: self._generate_from_arrays(split, arrays[f"{prefix}_images"], arrays[f"{prefix}_labels"])
@@ -98,8 +99,8 @@ class Medmnist(common.CxrBuilder):
 
     def _generate_from_arrays(self, split: str, images: np.ndarray, raw_labels: np.ndarray):
         if images.shape[1:3] != (self.size, self.size) or len(images) != len(raw_labels):
-            raise ValueError(f"{self.builder_config.file_name}: {split} images {images.shape} and labels "
-                             f"{raw_labels.shape} do not match config size {self.size}")
+            raise DataError(f"{self.builder_config.file_name}: {split} images {images.shape} and labels "
+                            f"{raw_labels.shape} do not match config size {self.size}; download the file again")
         labels = _labels_from_file(self.builder_config.subset, raw_labels)
         for index, (pixels, label) in enumerate(zip(images, labels)):
             image_id = f"{split}-{index:06d}"

@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 from etils import epath
 
-from xray_dit.data import splits
+from xray_dit.data import DataError, splits
 from xray_dit.data.builders import common
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -63,7 +63,7 @@ def read_data_entry(path: epath.Path) -> list[dict[str, str]]:
         reader = csv.reader(f)
         header = next(reader, [])
         if tuple(h.strip() for h in header[:len(_LEADING_COLUMNS)]) != _LEADING_COLUMNS:
-            raise ValueError(f"{path}: unexpected header {header}; expected it to start with "
+            raise DataError(f"{path}: unexpected header {header}; expected it to start with "
                              f"{list(_LEADING_COLUMNS)} (the 2017 or the 2020 NIH label table)")
         return [dict(zip(_LEADING_COLUMNS, (v.strip() for v in row))) for row in reader if row]
 

@@ -1,4 +1,4 @@
-"""Classification statistics: per-class AUC and ROC, thresholds, confusion, patient bootstrap, DeLong.
+"""Classification statistics: per-class AUC and ROC, AUPRC, thresholds, confusion, patient bootstrap, DeLong.
 
 Inputs are numpy arrays: `labels` are 0/1 (multi-label: (N, C)), `probs`/`scores` are any monotone
 classifier outputs (probabilities or logits) of the same shape. A score is called positive when
@@ -21,7 +21,7 @@ from typing import Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 import scipy.sparse
 import scipy.stats
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
 
 class RocCurve(NamedTuple):
@@ -153,6 +153,51 @@ def youden_threshold(labels, probs) -> float:
     j = (tpr - fpr)[1:]
     # Equal J values can differ in the last bit (2/3 - 0 vs 1 - 1/3), so ties are judged with a tolerance.
     return float(thresholds[1:][np.flatnonzero(j >= j.max() - 1e-12)[0]])
+
+
+def threshold_at_specificity(labels, scores, specificity: float = 0.9) -> float:
+    """The lowest observed score whose specificity on these images is at least `specificity`.
+
+    Choose it on validation predictions and apply it unchanged to the test set. The lowest such
+    threshold gives the highest sensitivity. Tied scores fall on the same side of any threshold, so
+    with ties the achieved specificity can exceed the target. When no observed score reaches it (the
+    highest-scored images include too many negatives), the result lies just above the highest score:
+    nothing is called positive.
+    """
+    labels = _binary_labels(labels)
+    scores = _scores_like(scores, labels)
+    if not 0.0 <= specificity <= 1.0:
+        raise ValueError(f"specificity must lie in [0, 1], got {specificity}")
+    negatives = np.sort(scores[labels == 0])
+    if negatives.size == 0:
+        raise ValueError("a threshold at a specificity needs negative images, got none")
+    candidates = np.unique(scores)
+    # Negatives scoring strictly below a threshold are the true negatives (positive means score >= it).
+    achieved = np.searchsorted(negatives, candidates, side="left") / negatives.size
+    reaching = np.flatnonzero(achieved >= specificity - 1e-12)  # 9/10 vs 0.9 must not fail by one ulp
+    if reaching.size:
+        return float(candidates[reaching[0]])
+    return float(np.nextafter(scores.max(), np.inf))
+
+
+def sensitivity_at_threshold(labels, scores, threshold: float) -> float:
+    """Share of positive images with score >= threshold; NaN when there is no positive image."""
+    labels = _binary_labels(labels)
+    scores = _scores_like(scores, labels)
+    positives = scores[labels == 1]
+    return float(np.mean(positives >= threshold)) if positives.size else float("nan")
+
+
+def auprc(labels, scores) -> float:
+    """Area under the precision-recall curve as sklearn's average precision, sum_k (R_k - R_k-1) P_k.
+
+    No interpolation between operating points (which would be optimistic). A random classifier scores the
+    prevalence, so compare arms on the same images only.
+    """
+    labels = _binary_labels(labels)
+    scores = _scores_like(scores, labels)
+    _both_classes(labels, "an AUPRC")
+    return float(average_precision_score(labels, scores))
 
 
 def confusion(labels, probs, threshold: float) -> np.ndarray:

@@ -270,3 +270,21 @@ def test_write_synthetic_converts_floats_and_round_trips(tmp_path):
     np.testing.assert_array_equal(source.labels, [[0, 1], [1, 1]])
     pixels = np.asarray(Image.open(tmp_path / "synthetic_000001.png"))
     np.testing.assert_array_equal(pixels, np.round((floats[1, ..., 0] + 1) * 127.5).astype(np.uint8))
+
+
+def test_target_fraction_of_training_patients_leaves_validation_and_test_alone(data_dir):
+    config = data_config(data_dir)
+    tables = {split: pipeline.metadata_table(config, split) for split in ("train", "validation", "test")}
+    held_out = {split: (t.image_id.copy(), t.labels.copy()) for split, t in tables.items() if split != "train"}
+    train = tables["train"]
+    positive_patients = set(train.patient_id[train.positives("Cardiomegaly")])
+    kept = splits.target_fraction_patients(train, "Cardiomegaly", 0.25, seed=0)
+    kept_positive = set(train.patient_id[kept]) & positive_patients
+    assert len(kept_positive) == round(0.25 * len(positive_patients))
+    dropped = ~np.isin(np.arange(len(train)), kept)
+    assert not set(train.patient_id[dropped]) & set(train.patient_id[kept]), "patients are kept or dropped whole"
+    assert set(train.patient_id[dropped]) <= positive_patients
+    for split, (image_ids, labels) in held_out.items():
+        again = pipeline.metadata_table(config, split)
+        np.testing.assert_array_equal(again.image_id, image_ids)
+        np.testing.assert_array_equal(again.labels, labels)

@@ -88,7 +88,7 @@ def test_threshold_at_specificity_with_ties_and_an_unreachable_target():
     assert np.isnan(cls.sensitivity_at_threshold([0, 0], [0.1, 0.2], 0.15))
     with pytest.raises(ValueError, match="negative images"):
         cls.threshold_at_specificity([1, 1], [0.1, 0.2])
-    with pytest.raises(ValueError, match="specificity"):
+    with pytest.raises(ValueError, match=r"specificity in \[0, 1\]"):
         cls.threshold_at_specificity(labels, scores, 90)
 
 

@@ -149,7 +149,8 @@ def test_two_level_bootstrap_equals_a_plain_loop_on_the_same_draws(metric, refer
         np.testing.assert_allclose(got.arm_a.replicates, arm_a, rtol=1e-12)
         np.testing.assert_allclose(got.arm_b.replicates, arm_b, rtol=1e-12)
         np.testing.assert_allclose(got.replicates, arm_b - arm_a, rtol=1e-12, atol=1e-15)
-    assert result.ensemble.estimate == pytest.approx(reference(labels, probs_b.mean(0)) - reference(labels, probs_a.mean(0)))
+    ensemble = reference(labels, probs_b.mean(axis=0)) - reference(labels, probs_a.mean(axis=0))
+    assert result.ensemble.estimate == pytest.approx(ensemble)
     single = np.mean([reference(labels, p) for p in probs_b]) - np.mean([reference(labels, p) for p in probs_a])
     assert result.single_model.estimate == pytest.approx(single)
     if paired:  # the seed draws are shared: both arms use the same seeds in every replicate
@@ -229,8 +230,26 @@ def test_generator_seeds_widen_the_interval_when_generators_differ():
     assert width(with_generators.single_model) > 1.5 * width(fixed.single_model)
 
 
+def test_a_replicate_that_draws_none_of_an_arms_seed_combinations_is_left_out():
+    labels, patients, probs_a, probs_b = _small_case()
+    # B holds only generator 0 with seed 0 and generator 1 with seed 1: drawing seed 0 twice with
+    # generator 1 twice selects none of its rows.
+    incomplete = dict(seeds_a=[0, 1], seeds_b={"seed": [0, 1], "generator": [0, 1]})
+    result = st.two_level_bootstrap_difference(labels, probs_a, probs_b, patients, metric=roc_auc_score,
+                                               n_boot=40, **incomplete)
+    factors = ({"seed": [0, 1]}, {"seed": [0, 1], "generator": [0, 1]})
+    images, _, rows_b = (np.concatenate(p) for p in zip(*st.two_level_resamples(patients, *factors, 40, 0)))
+    one_class = np.array([np.unique(np.repeat(labels, w)).size < 2 for w in images])
+    nothing_drawn = rows_b.sum(axis=1) == 0
+    assert nothing_drawn.any() and (~nothing_drawn & ~one_class).any()
+    for d in result:
+        np.testing.assert_array_equal(np.isnan(d.replicates), nothing_drawn | one_class)
+
+
 def test_two_level_bootstrap_refuses_bad_inputs():
     labels, patients, probs_a, probs_b = _small_case()
+    with pytest.raises(ValueError, match="no seed factor"):
+        st.two_level_bootstrap_difference(labels, probs_a, probs_b, patients, seeds_a={}, n_boot=5)
     with pytest.raises(ValueError, match="one level per prediction row"):
         st.two_level_bootstrap_difference(labels, probs_a, probs_b, patients, seeds_a=[0, 1, 2], n_boot=5)
     with pytest.raises(ValueError, match=r"\(seeds, images\)"):

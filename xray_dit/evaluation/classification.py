@@ -156,28 +156,22 @@ def youden_threshold(labels, probs) -> float:
 
 
 def threshold_at_specificity(labels, scores, specificity: float = 0.9) -> float:
-    """The lowest observed score whose specificity on these images is at least `specificity`.
+    """The lowest observed score (so the highest sensitivity) whose specificity here is >= `specificity`.
 
-    Choose it on validation predictions and apply it unchanged to the test set. The lowest such
-    threshold gives the highest sensitivity. Tied scores fall on the same side of any threshold, so
-    with ties the achieved specificity can exceed the target. When no observed score reaches it (the
-    highest-scored images include too many negatives), the result lies just above the highest score:
-    nothing is called positive.
-    """
+    Choose it on validation predictions and apply it unchanged to the test set. Ties cannot be split, so
+    the achieved specificity may exceed the target; when no observed score reaches it, the result lies
+    just above the highest score (nothing is called positive)."""
     labels = _binary_labels(labels)
     scores = _scores_like(scores, labels)
-    if not 0.0 <= specificity <= 1.0:
-        raise ValueError(f"specificity must lie in [0, 1], got {specificity}")
     negatives = np.sort(scores[labels == 0])
-    if negatives.size == 0:
-        raise ValueError("a threshold at a specificity needs negative images, got none")
+    if not 0.0 <= specificity <= 1.0 or negatives.size == 0:
+        raise ValueError(f"need a specificity in [0, 1] and negative images, got {specificity} and "
+                         f"{negatives.size} negative images")
     candidates = np.unique(scores)
-    # Negatives scoring strictly below a threshold are the true negatives (positive means score >= it).
+    # True negatives are the negatives strictly below a threshold (positive means score >= it).
     achieved = np.searchsorted(negatives, candidates, side="left") / negatives.size
     reaching = np.flatnonzero(achieved >= specificity - 1e-12)  # 9/10 vs 0.9 must not fail by one ulp
-    if reaching.size:
-        return float(candidates[reaching[0]])
-    return float(np.nextafter(scores.max(), np.inf))
+    return float(candidates[reaching[0]] if reaching.size else np.nextafter(scores.max(), np.inf))
 
 
 def sensitivity_at_threshold(labels, scores, threshold: float) -> float:
@@ -191,9 +185,7 @@ def sensitivity_at_threshold(labels, scores, threshold: float) -> float:
 def auprc(labels, scores) -> float:
     """Area under the precision-recall curve as sklearn's average precision, sum_k (R_k - R_k-1) P_k.
 
-    No interpolation between operating points (which would be optimistic). A random classifier scores the
-    prevalence, so compare arms on the same images only.
-    """
+    Not interpolated (that would be optimistic); chance level is the prevalence, so compare on the same images."""
     labels = _binary_labels(labels)
     scores = _scores_like(scores, labels)
     _both_classes(labels, "an AUPRC")

@@ -149,6 +149,8 @@ def _seed_factors(seeds: SeedFactors, n_rows: int, arm: str) -> dict[str, np.nda
         return {f"seed of arm {arm}": np.arange(n_rows)}
     if not isinstance(seeds, Mapping):
         seeds = {"seed": seeds}
+    if not seeds:
+        raise ValueError(f"seeds of arm {arm} name no seed factor; pass None for independent seeds")
     factors = {}
     for name, levels in seeds.items():
         levels = np.asarray(levels)
@@ -210,13 +212,13 @@ def _arm_metrics(labels: np.ndarray, probs: np.ndarray, image_weights: np.ndarra
                  metric: Metric) -> tuple[np.ndarray, np.ndarray]:
     """(seed-ensemble metric, weighted mean single-model metric) per resample, for one arm."""
     row_weights = row_weights.astype(np.float64)
-    total = row_weights.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):  # an incomplete seed design can draw no row
-        ensemble_probs = (row_weights @ probs) / total[:, None]
-        ensemble = _metric_replicates(labels, ensemble_probs, image_weights, metric)
-        per_row = np.stack([_metric_replicates(labels, row, image_weights, metric) for row in probs], axis=1)
-        single = (row_weights * per_row).sum(axis=1) / total
-    return np.where(total > 0, ensemble, np.nan), single
+    total = row_weights.sum(axis=1)  # 0 where an incomplete seed design drew none of this arm's rows
+    ensemble_probs = (row_weights @ probs) / np.maximum(total, 1)[:, None]
+    ensemble = _metric_replicates(labels, ensemble_probs, image_weights, metric)
+    per_row = np.stack([_metric_replicates(labels, row, image_weights, metric) for row in probs], axis=1)
+    single = (row_weights * np.nan_to_num(per_row)).sum(axis=1) / np.maximum(total, 1)
+    undefined = (total == 0) | np.isnan(per_row).any(axis=1)
+    return np.where(total > 0, ensemble, np.nan), np.where(undefined, np.nan, single)
 
 
 def _two_sided_p(replicates: np.ndarray) -> float:
@@ -255,12 +257,17 @@ def two_level_bootstrap_difference(labels, probs_a, probs_b, patient_ids, *, see
     metric: "auc" (default) and "auprc" are vectorised; any metric(labels, scores) callable is evaluated
     on each resample in a Python loop (slower). Point estimates are on the original data; intervals are
     percentile intervals; p-values are two-sided bootstrap p-values (`_two_sided_p`), so p < alpha goes
-    with an interval that excludes 0.
+    (up to its +1) with an interval that excludes 0.
+
+    Resampled seeds repeat, so a resampled ensemble has fewer distinct members than the original: when
+    seeds disagree much, an arm's ensemble replicates lie below its estimate. Both arms shift alike, so
+    the difference is much less affected than each arm's own interval.
     """
     _check_alpha(alpha)
     labels = _binary_labels(labels)
     _both_classes(labels, "an arm comparison")
-    probs_a, probs_b = (_prediction_rows(p, labels.size, name) for p, name in ((probs_a, "probs_a"), (probs_b, "probs_b")))
+    probs_a = _prediction_rows(probs_a, labels.size, "probs_a")
+    probs_b = _prediction_rows(probs_b, labels.size, "probs_b")
     if np.shape(patient_ids) != labels.shape:
         raise ValueError(f"patient_ids has shape {np.shape(patient_ids)}; need one id per image {labels.shape}")
     factors_a = _seed_factors(seeds_a, len(probs_a), "A")

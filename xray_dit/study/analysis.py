@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from xray_dit.evaluation import classification, plots, privacy, synthesis
+from xray_dit.evaluation import classification, ctr_oracle, plots, privacy, synthesis
 from xray_dit.study import filters, probe
 from xray_dit.study.phases import StudyContext
 from xray_dit.train.classifier import read_predictions
@@ -195,9 +195,8 @@ def privacy_and_quality(context: StudyContext) -> dict:
 
 def _ctr_fidelity(synthetic: np.ndarray, real_minority: np.ndarray, out_dir: epath.Path) -> dict:
     """Label fidelity by the phantom's CTR oracle: does a generated 'Cardiomegaly' image have CTR > 0.5?"""
-    from xray_dit.data import phantom
-    syn = np.array([phantom.measure_ctr(im) for im in synthetic])
-    real = np.array([phantom.measure_ctr(im) for im in real_minority])
+    syn = np.array([ctr_oracle.measure_ctr(im) for im in synthetic])
+    real = np.array([ctr_oracle.measure_ctr(im) for im in real_minority])
     measurable = np.isfinite(syn)
     figure = None
     if measurable.any() and np.isfinite(real).any():

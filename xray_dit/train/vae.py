@@ -23,7 +23,7 @@ from etils import epath
 
 from xray_dit import checkpoint, metric_writer, sharding
 from xray_dit.data import pipeline
-from xray_dit.evaluation import synthesis
+from xray_dit.evaluation import ctr_oracle, synthesis
 from xray_dit.models import vae as vae_lib
 from xray_dit.train import common, loop, model_factory
 
@@ -173,9 +173,8 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
 
 def ctr_preservation(images: np.ndarray, recon: np.ndarray, tolerance: float = 0.03) -> dict:
     """How well reconstructions keep the cardiothoracic ratio the phantom oracle reads."""
-    from xray_dit.data import phantom
-    original = np.array([phantom.measure_ctr(im) for im in images])
-    rebuilt = np.array([phantom.measure_ctr(im) for im in recon])
+    original = np.array([ctr_oracle.measure_ctr(im) for im in images])
+    rebuilt = np.array([ctr_oracle.measure_ctr(im) for im in recon])
     ok = np.isfinite(original) & np.isfinite(rebuilt)
     within = np.abs(original - rebuilt)[ok] <= tolerance
     return {"ctr_within_0.03": float(np.mean(within)) if ok.any() else float("nan"),

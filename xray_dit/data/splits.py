@@ -90,6 +90,12 @@ class MetadataTable:
         column = self.label_columns([name])[0]
         return np.flatnonzero((self.labels[:, column] == 1) & (self.label_mask[:, column] == 1))
 
+    def take(self, indices: np.ndarray) -> MetadataTable:
+        """The rows at `indices`, in that order, as a table of their own (indexed from 0)."""
+        rows = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)
+                                            if f.name != "label_names"})
+
 
 def target_fraction_patients(table: MetadataTable, target_class: str, fraction: float, seed: int) -> np.ndarray:
     """Record indices of a training table kept when only `fraction` of the target class's patients remain.

@@ -59,6 +59,15 @@ def get_config(arg=None):
         target_class="Cardiomegaly",   # the minority class the DiT learns
         balanced_sampling=False,
         num_workers=0,                 # Grain worker processes (0 = in the main process)
+        # Scarcity axis: the train split (only it; validation and test stay whole) keeps this share of the
+        # target class's patients, each with all their images (splits.target_fraction_patients). Every
+        # reader of the train split follows: classifier, positive weights, VAE, the DiT's latent cache, probes.
+        target_fraction=1.0,
+        target_fraction_seed=0,        # which patients; for one seed smaller fractions keep subsets
+        # Domain-gap mitigation (train pipelines only): each real training image is replaced by its stored
+        # VAE round trip with this probability, per example and epoch, so smoothness is no label cue.
+        roundtrip_dir="",              # folder from study.arms.write_roundtrip_store (all training images)
+        roundtrip_prob=0.0,
         augment=ml_collections.ConfigDict(dict(
             rotation_deg=5.0, scale=0.05, translate=0.03, brightness=0.05, contrast=0.05,
             hflip=False,               # a flipped chest X-ray puts the heart on the wrong side

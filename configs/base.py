@@ -131,7 +131,15 @@ def get_config(arg=None):
     config.study = ml_collections.ConfigDict(dict(
         seeds=(0, 1, 2),               # classifier seeds per arm
         num_synthetic=500,
-        synthetic_counts=(500,),       # arms: real + this many filtered synthetic images
+        # Arms (study/arms.py): real + N images, N over these doses (capped at the accepted synthetic count).
+        synthetic_counts=(500,),
+        primary_count=0,               # the dose of the primary comparison (synthetic − oversampled); 0 = the largest
+        # Arm kinds: synthetic | oversampled | phantom_positive (phantom data only: fresh phantom patients with
+        # the finding, the positive control) | vae_roundtrip (real target images through the VAE) |
+        # synthetic_mitigated (synthetic, real images round-tripped with roundtrip_prob).
+        arms=("synthetic", "oversampled", "phantom_positive", "vae_roundtrip"),
+        swept_arms=("synthetic", "oversampled"),   # run at every dose; the other kinds at primary_count only
+        roundtrip_prob=0.5,            # synthetic_mitigated: chance a real training image is its VAE round trip
         synthetic_only_arm=False,
         rerun_from="",                 # phase name: re-run it and everything after it
         fidelity_threshold=0.5,        # baseline classifier probability for the target class

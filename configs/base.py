@@ -80,6 +80,15 @@ def get_config(arg=None):
         target_class="Cardiomegaly",   # the minority class the DiT learns
         balanced_sampling=False,
         num_workers=0,                 # Grain worker processes (0 = in the main process)
+        # Scarcity axis: the train split (only it; validation and test stay whole) keeps this share of the
+        # target class's patients, each with all their images (splits.target_fraction_patients). Every
+        # reader of the train split follows: classifier, positive weights, VAE, the DiT's latent cache, probes.
+        target_fraction=1.0,
+        target_fraction_seed=0,        # which patients; for one seed smaller fractions keep subsets
+        # Domain-gap mitigation (train pipelines only): each real training image is replaced by its stored
+        # VAE round trip with this probability, per example and epoch, so smoothness is no label cue.
+        roundtrip_dir="",              # folder from study.arms.write_roundtrip_store (all training images)
+        roundtrip_prob=0.0,
         augment=ml_collections.ConfigDict(dict(
             rotation_deg=5.0, scale=0.05, translate=0.03, brightness=0.05, contrast=0.05,
             hflip=False,               # a flipped chest X-ray puts the heart on the wrong side
@@ -143,7 +152,15 @@ def get_config(arg=None):
     config.study = ml_collections.ConfigDict(dict(
         seeds=(0, 1, 2),               # classifier seeds per arm
         num_synthetic=500,
-        synthetic_counts=(500,),       # arms: real + this many filtered synthetic images
+        # Arms (study/arms.py): real + N images, N over these doses (capped at the accepted synthetic count).
+        synthetic_counts=(500,),
+        primary_count=0,               # the dose of the primary comparison (synthetic − oversampled); 0 = the largest
+        # Arm kinds: synthetic | oversampled | phantom_positive (phantom data only: fresh phantom patients with
+        # the finding, the positive control) | vae_roundtrip (real target images through the VAE) |
+        # synthetic_mitigated (synthetic, real images round-tripped with roundtrip_prob).
+        arms=("synthetic", "oversampled", "phantom_positive", "vae_roundtrip"),
+        swept_arms=("synthetic", "oversampled"),   # run at every dose; the other kinds at primary_count only
+        roundtrip_prob=0.5,            # synthetic_mitigated: chance a real training image is its VAE round trip
         rerun_from="",                 # phase name: re-run it and everything after it
         fidelity_threshold=0.5,        # baseline classifier probability for the target class
         realism_percentile=95.0,       # k-NN distance to real minority images within this percentile

@@ -426,6 +426,56 @@ def test_validation_carve_is_seeded_and_ignores_row_order():
         splits.check_patient_disjoint({"train": ["p1", "p3"], "test": ["p3"]})
 
 
+def _scarcity_table():
+    """Six patients: A, B, E known positive for Cardiomegaly (A also has a negative image), C negative,
+    D only uncertain, F positive for Effusion only; rows deliberately not grouped by patient."""
+    rows = [("A", 1, 1, 0), ("C", 0, 1, 0), ("B", 1, 1, 0), ("A", 0, 1, 0), ("D", 1, 0, 0), ("E", 1, 1, 0),
+            ("F", 0, 1, 1), ("C", 0, 1, 0), ("E", 1, 1, 1)]
+    patient, cardio, known, effusion = zip(*rows)
+    n = len(rows)
+    return splits.MetadataTable(
+        label_names=("Cardiomegaly", "Effusion"), image_id=np.array([f"i{k}" for k in range(n)], dtype=object),
+        patient_id=np.array(patient, dtype=object), labels=np.array([cardio, effusion], np.float32).T,
+        label_mask=np.stack([np.array(known, np.float32), np.ones(n, np.float32)], axis=1),
+        age=np.full(n, -1, np.float32), sex=np.array([""] * n, dtype=object), view=np.array(["PA"] * n, dtype=object))
+
+
+def test_target_fraction_keeps_whole_positive_patients_and_every_other_patient():
+    table = _scarcity_table()
+    before = {f: getattr(table, f).copy() for f in ("patient_id", "labels", "label_mask")}
+    always = {"C", "D", "F"}  # never known positive for Cardiomegaly
+    for seed in range(6):
+        kept = splits.target_fraction_patients(table, "Cardiomegaly", 1 / 3, seed)
+        kept_patients = set(table.patient_id[kept])
+        assert kept_patients >= always and len(kept_patients & {"A", "B", "E"}) == 1
+        # Patient-wise: a kept patient keeps every image (A's negative too), a dropped one loses every image.
+        np.testing.assert_array_equal(kept, np.flatnonzero(np.isin(table.patient_id, list(kept_patients))))
+        wider = splits.target_fraction_patients(table, "Cardiomegaly", 2 / 3, seed)
+        assert set(kept) < set(wider), "for one seed, smaller fractions keep subsets (a nested dose-response)"
+    chosen = {frozenset(table.patient_id[splits.target_fraction_patients(table, "Cardiomegaly", 1 / 3, s)])
+              for s in range(12)}
+    assert len(chosen) == 3, "each positive patient is kept by some seed"
+    np.testing.assert_array_equal(splits.target_fraction_patients(table, "Cardiomegaly", 1.0, 0), np.arange(9))
+    np.testing.assert_array_equal(splits.target_fraction_patients(table, "Cardiomegaly", 0.0, 0), [1, 4, 6, 7])
+    assert len(set(table.patient_id[splits.target_fraction_patients(table, "Cardiomegaly", 0.01, 0)]) - always) == 1
+    for field, value in before.items():
+        np.testing.assert_array_equal(getattr(table, field), value)
+
+
+def test_target_fraction_ignores_row_order_and_refuses_bad_arguments():
+    table = _scarcity_table()
+    order = np.random.default_rng(0).permutation(len(table))
+    shuffled = splits.MetadataTable(**{f: (v[order] if isinstance(v, np.ndarray) else v)
+                                       for f, v in vars(table).items()})
+    for seed in range(4):
+        kept = set(table.patient_id[splits.target_fraction_patients(table, "Cardiomegaly", 0.5, seed)])
+        assert set(shuffled.patient_id[splits.target_fraction_patients(shuffled, "Cardiomegaly", 0.5, seed)]) == kept
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        splits.target_fraction_patients(table, "Cardiomegaly", 1.5, 0)
+    with pytest.raises(ValueError, match="unknown label"):
+        splits.target_fraction_patients(table, "Nodule", 0.5, 0)
+
+
 # ---- Pixels ----------------------------------------------------------------------------------------
 
 

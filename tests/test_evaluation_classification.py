@@ -1,4 +1,4 @@
-"""Evaluation room, classification: AUC/ROC, thresholds, confusion, patient bootstrap, DeLong."""
+"""Evaluation room, classification: AUC/ROC, AUPRC, thresholds, confusion, patient bootstrap, DeLong."""
 
 import numpy as np
 import pytest
@@ -57,6 +57,47 @@ def test_confusion_matrix_on_a_hand_example():
     np.testing.assert_array_equal(cls.confusion(labels, probs, threshold=0.85), [[3, 0], [2, 1]])
     with pytest.raises(ValueError, match="only 0 and 1"):
         cls.confusion([0, 2], [0.1, 0.2], 0.5)
+
+
+def test_threshold_at_specificity_is_the_lowest_observed_score_reaching_it():
+    negatives = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    labels = np.array([0] * 10 + [1, 1, 1])
+    scores = np.array(negatives + [0.85, 0.95, 0.5])
+    # 90 % specificity: 9 of 10 negatives strictly below, so t > 0.9; the lowest observed score there is 0.95.
+    assert cls.threshold_at_specificity(labels, scores, 0.9) == 0.95
+    assert cls.sensitivity_at_threshold(labels, scores, 0.95) == pytest.approx(1 / 3)
+    # 80 %: t > 0.8, lowest observed 0.85, which catches 0.85 and 0.95.
+    assert cls.threshold_at_specificity(labels, scores, 0.8) == 0.85
+    assert cls.sensitivity_at_threshold(labels, scores, 0.85) == pytest.approx(2 / 3)
+    assert cls.threshold_at_specificity(labels, scores, 0.0) == 0.1  # everything positive
+
+
+def test_threshold_at_specificity_with_ties_and_an_unreachable_target():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    scores = np.array([0.2, 0.5, 0.5, 0.5, 0.5, 0.9])
+    # A threshold at 0.5 leaves only 0.2 below (25 %); the tie cannot be split, so 50 % needs 0.9 (100 %).
+    assert cls.threshold_at_specificity(labels, scores, 0.25) == 0.5
+    assert cls.threshold_at_specificity(labels, scores, 0.5) == 0.9
+    assert cls.sensitivity_at_threshold(labels, scores, 0.5) == 1.0  # a score equal to the threshold is positive
+    # The highest score is a negative: full specificity means calling nothing positive.
+    top_negative = np.array([0.1, 0.9, 0.5])
+    threshold = cls.threshold_at_specificity([0, 0, 1], top_negative, 1.0)
+    assert 0.9 < threshold < 0.9 + 1e-12
+    assert cls.sensitivity_at_threshold([0, 0, 1], top_negative, threshold) == 0.0
+    assert np.isnan(cls.sensitivity_at_threshold([0, 0], [0.1, 0.2], 0.15))
+    with pytest.raises(ValueError, match="negative images"):
+        cls.threshold_at_specificity([1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"specificity in \[0, 1\]"):
+        cls.threshold_at_specificity(labels, scores, 90)
+
+
+def test_auprc_on_hand_examples():
+    # Thresholds 0.9: P 1, R 1/2; 0.8: P 1/2, R 1/2; 0.7: P 2/3, R 1; AP = 1/2·1 + 0 + 1/2·2/3 = 5/6.
+    assert cls.auprc([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(5 / 6)
+    # A tie is one operating point: 0.5 gives P 1/2, R 1/2; 0.2 gives P 2/3, R 1; AP = 1/4 + 1/3.
+    assert cls.auprc([1, 0, 1], [0.5, 0.5, 0.2]) == pytest.approx(1 / 4 + 1 / 3)
+    with pytest.raises(ValueError, match="both positive and negative"):
+        cls.auprc([0, 0], [0.1, 0.2])
 
 
 def test_auc_table_markdown_formats_floats_intervals_missing_values_and_the_mean():

@@ -267,3 +267,136 @@ def test_write_synthetic_converts_floats_and_round_trips(tmp_path):
     np.testing.assert_array_equal(source.labels, [[0, 1], [1, 1]])
     pixels = np.asarray(Image.open(tmp_path / "synthetic_000001.png"))
     np.testing.assert_array_equal(pixels, np.round((floats[1, ..., 0] + 1) * 127.5).astype(np.uint8))
+
+
+def test_target_fraction_of_training_patients_leaves_validation_and_test_alone(data_dir):
+    config = data_config(data_dir)
+    tables = {split: pipeline.metadata_table(config, split) for split in ("train", "validation", "test")}
+    held_out = {split: (t.image_id.copy(), t.labels.copy()) for split, t in tables.items() if split != "train"}
+    train = tables["train"]
+    positive_patients = set(train.patient_id[train.positives("Cardiomegaly")])
+    kept = splits.target_fraction_patients(train, "Cardiomegaly", 0.25, seed=0)
+    kept_positive = set(train.patient_id[kept]) & positive_patients
+    assert len(kept_positive) == round(0.25 * len(positive_patients))
+    dropped = ~np.isin(np.arange(len(train)), kept)
+    assert not set(train.patient_id[dropped]) & set(train.patient_id[kept]), "patients are kept or dropped whole"
+    assert set(train.patient_id[dropped]) <= positive_patients
+    for split, (image_ids, labels) in held_out.items():
+        again = pipeline.metadata_table(config, split)
+        np.testing.assert_array_equal(again.image_id, image_ids)
+        np.testing.assert_array_equal(again.labels, labels)
+
+
+def _all_rows(dataset):
+    """Every valid element of a finite pipeline, stacked."""
+    batches = list(dataset)
+    valid = np.concatenate([b["valid"] for b in batches]).astype(bool)
+    return {k: np.concatenate([b[k] for b in batches])[valid] for k in batches[0]}
+
+
+def test_target_fraction_thins_the_train_split_for_every_reader_and_nothing_else(data_dir):
+    whole, thin = data_config(data_dir), data_config(data_dir, target_fraction=0.5, target_fraction_seed=3)
+    full, table = pipeline.metadata_table(whole, "train"), pipeline.metadata_table(thin, "train")
+    kept = splits.target_fraction_patients(full, "Cardiomegaly", 0.5, seed=3)
+    np.testing.assert_array_equal(table.image_id, full.image_id[kept])
+    np.testing.assert_array_equal(table.labels, full.labels[kept])
+    positive_patients = set(full.patient_id[full.positives("Cardiomegaly")])
+    dropped = set(full.patient_id) - set(table.patient_id)
+    assert dropped and dropped <= positive_patients, "only target patients leave, each with all their images"
+    assert len(set(table.patient_id) & positive_patients) == round(0.5 * len(positive_patients))
+
+    record_of = {image_id: i for i, image_id in enumerate(full.image_id)}
+    rows = _all_rows(pipeline.make_dataset(thin, "train", train=False, seed=0, batch_size=16))
+    np.testing.assert_array_equal(rows["index"], np.arange(len(table)))   # the batch index is the table's row
+    np.testing.assert_array_equal(rows["labels"], table.labels[:, :2])
+    np.testing.assert_allclose(rows["image"],
+                               unaugmented(data_dir, "train", [record_of[i] for i in table.image_id]), atol=1e-6)
+    trained = take(pipeline.make_dataset(data_config(data_dir, augment=NO_AUGMENT, target_fraction=0.5,
+                                                     target_fraction_seed=3), "train", train=True, seed=0,
+                                         batch_size=16), 2)
+    for batch in trained:
+        records = [record_of[i] for i in table.image_id[batch["index"]]]
+        np.testing.assert_allclose(batch["image"], unaugmented(data_dir, "train", records), atol=1e-6)
+        np.testing.assert_array_equal(batch["labels"], table.labels[batch["index"]][:, :2])
+
+    positives = _all_rows(pipeline.make_dataset(thin, "train", train=False, seed=0, batch_size=16,
+                                                only_class="Cardiomegaly"))
+    np.testing.assert_array_equal(np.sort(positives["index"]), table.positives("Cardiomegaly"))
+    assert len(positives["index"]) < len(full.positives("Cardiomegaly"))
+
+    for split in ("validation", "test"):
+        np.testing.assert_array_equal(pipeline.metadata_table(thin, split).image_id,
+                                      pipeline.metadata_table(whole, split).image_id)
+        untouched = _all_rows(pipeline.make_dataset(thin, split, train=False, seed=0, batch_size=16))
+        np.testing.assert_array_equal(untouched["index"], np.arange(len(pipeline.metadata_table(whole, split))))
+
+
+def _write_inverted_store(data_dir, folder, *, drop_last=False):
+    """A round-trip store whose every image is its real image inverted (unmistakable when swapped in)."""
+    table = pipeline.metadata_table(data_config(data_dir), "train")
+    stored = unaugmented(data_dir, "train", range(len(table)))
+    count = len(table) - int(drop_last)
+    synthetic.write_synthetic(folder, -stored[:count], [""] * count, {"image_id": list(table.image_id[:count])},
+                              prefix="roundtrip")
+    return stored
+
+
+def test_roundtrip_prob_swaps_real_images_for_their_stored_round_trip(data_dir, tmp_path):
+    stored = _write_inverted_store(data_dir, tmp_path / "store")
+    images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8)
+    synthetic.write_synthetic(tmp_path / "synth", images, ["Cardiomegaly"] * 4)
+
+    def batches(augment, prob, count=3):
+        config = data_config(data_dir, augment=augment, roundtrip_dir=str(tmp_path / "store"), roundtrip_prob=prob)
+        return take(pipeline.make_dataset(config, "train", train=True, seed=5, batch_size=16,
+                                          synthetic=tmp_path / "synth", synthetic_count=8), count)
+
+    today = take(pipeline.make_dataset(data_config(data_dir), "train", train=True, seed=5, batch_size=16,
+                                       synthetic=tmp_path / "synth", synthetic_count=8), 3)
+    for before, after in zip(today, batches(data_config(data_dir).augment.to_dict(), 0.0)):
+        for key in before:
+            np.testing.assert_array_equal(before[key], after[key])
+
+    swapped = unswapped = 0
+    for prob in (1.0, 0.5):
+        for batch in batches(NO_AUGMENT, prob, count=6):
+            for image, index, is_synthetic in zip(batch["image"], batch["index"], batch["is_synthetic"]):
+                if is_synthetic:
+                    np.testing.assert_allclose(image[..., 0], images[index] / np.float32(127.5) - 1, atol=1e-6)
+                elif np.allclose(image, -stored[index], atol=1e-5):
+                    swapped += 1
+                else:
+                    np.testing.assert_allclose(image, stored[index], atol=1e-6)
+                    assert prob < 1, "with roundtrip_prob 1 every real image is the stored one"
+                    unswapped += 1
+    assert swapped > 16 * 6 * 0.5 and unswapped > 10   # p=1 swaps all real; p=0.5 about half
+    for before, after in zip(batches(NO_AUGMENT, 0.5), batches(NO_AUGMENT, 0.5)):
+        np.testing.assert_array_equal(before["image"], after["image"])
+    evaluation = pipeline.make_dataset(data_config(data_dir, augment=NO_AUGMENT, roundtrip_dir=str(tmp_path / "store"),
+                                                   roundtrip_prob=1.0), "train", train=False, seed=0, batch_size=16)
+    np.testing.assert_allclose(_all_rows(evaluation)["image"], stored, atol=1e-6)  # evaluation never swaps
+
+
+def test_roundtrip_swap_mask_is_a_pure_function_of_seed_and_epoch():
+    from xray_dit.data import roundtrip
+    first = roundtrip.swap_mask(1, 0, 1000, 0.3)
+    np.testing.assert_array_equal(first, roundtrip.swap_mask(1, 0, 1000, 0.3))
+    assert 0.25 < first.mean() < 0.35 and not np.array_equal(first, roundtrip.swap_mask(1, 1, 1000, 0.3))
+    assert not roundtrip.swap_mask(1, 0, 1000, 0.0).any() and roundtrip.swap_mask(1, 0, 1000, 1.0).all()
+    plan = pipeline._EpochPlan(real=np.arange(50), groups=None, synthetic=np.arange(10), shuffle=True, seed=2,
+                               pad_to=1, roundtrip_prob=1.0)
+    kinds = plan.entries(0)[:, 0]
+    assert (kinds == pipeline._SYNTHETIC).sum() == 10 and (kinds == pipeline._ROUNDTRIP).sum() == 50
+
+
+def test_scarcity_and_roundtrip_errors(data_dir, tmp_path):
+    _write_inverted_store(data_dir, tmp_path / "store", drop_last=True)
+    config = data_config(data_dir, roundtrip_dir=str(tmp_path / "store"), roundtrip_prob=0.5)
+    with pytest.raises(ValueError, match="lacks 1 of the"):
+        pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16)
+    with pytest.raises(ValueError, match="needs data.roundtrip_dir"):
+        pipeline.DataConfig.from_config(data_config(data_dir, roundtrip_prob=0.5))
+    with pytest.raises(ValueError, match="needs data.target_class"):
+        pipeline.DataConfig.from_config(data_config(data_dir, target_class="", target_fraction=0.5))
+    with pytest.raises(ValueError, match="target_fraction=1.5 must lie in"):
+        pipeline.metadata_table(data_config(data_dir, target_fraction=1.5), "train")

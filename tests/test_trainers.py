@@ -471,3 +471,16 @@ def test_classifier_reaches_high_auc_on_an_easy_phantom(data_dir, tmp_path):
     config = tiny_configs.easy_classifier_config(data_dir, steps=250)
     results = classifier.train_classifier(config, tmp_path, mesh=_one_device_mesh())
     assert results["test_auc"]["Cardiomegaly"] >= 0.95, results
+
+
+def test_latent_cache_fingerprint_follows_the_scarcity_axis(tmp_path):
+    from configs import base
+    vae_dir = tmp_path / "vae_export"
+    checkpoint.save_export(vae_dir, {"w": np.zeros(2, np.float32)}, {"kind": "vae"})
+    config = base.get_config()
+    fingerprints = [dit._cache_fingerprint(config, vae_dir, (), "Cardiomegaly")]
+    config.data.target_fraction = 0.5
+    fingerprints.append(dit._cache_fingerprint(config, vae_dir, (), "Cardiomegaly"))
+    config.data.target_fraction_seed = 1
+    fingerprints.append(dit._cache_fingerprint(config, vae_dir, (), "Cardiomegaly"))
+    assert len({json.dumps(f, sort_keys=True) for f in fingerprints}) == 3

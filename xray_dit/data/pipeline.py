@@ -1,7 +1,9 @@
 """The Grain input pipeline: prepared array_record → decoded, augmented, batched numpy → global arrays.
 
     prepared split (tfds data source, PNG bytes)     [+ synthetic folder (SyntheticSource)]
-      → epoch plan: which records, in which order (class filter, balancing, mixing, seeded shuffle)
+      → the split's rows (train: only `target_fraction` of the target class's patients, the scarcity axis)
+      → epoch plan: which rows, in which order (class filter, balancing, mixing, seeded shuffle; train:
+        real rows read from the round-trip store with `roundtrip_prob`, see `xray_dit.data.roundtrip`)
       → this process's share (process_index :: process_count)
       → read + decode PNG → (train) augment → float32 in [-1, 1], (H, W, 1)
       → batch of batch_size / process_count → [mp_prefetch workers]
@@ -11,7 +13,7 @@ A batch holds numeric arrays only:
     image         (B, H, W, 1) float32 in [-1, 1]
     labels        (B, L) float32 multi-hot over the chosen labels (config `labels`, in that order)
     label_mask    (B, L) float32, 1 = known
-    index         (B,) int32: record index in its source (`metadata_table(...)` or the synthetic table)
+    index         (B,) int32: row of its source's table (`metadata_table(...)` or the synthetic table)
     is_synthetic  (B,) int32, 1 = from the synthetic folder
     valid         (B,) int32, 0 = padding (only in the last evaluation batch, so that every image
                   is evaluated exactly once however the batch divides the split)
@@ -38,23 +40,13 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from xray_dit.data import DataError, builders, splits
+from xray_dit.data import DataError, augment, builders, roundtrip, splits
+from xray_dit.data.augment import AugmentConfig
 from xray_dit.data.builders import common
 from xray_dit.data.synthetic import MANIFEST, SyntheticSource
 
-# Entry kinds of the epoch plan: (kind, index) pairs.
-_REAL, _SYNTHETIC, _PADDING = 0, 1, 2
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation; every magnitude 0 (and hflip False) is the identity."""
-    rotation_deg: float = 5.0   # uniform in ±rotation_deg
-    scale: float = 0.05         # zoom factor uniform in 1 ± scale
-    translate: float = 0.03     # shift uniform in ±translate × image side, per axis
-    brightness: float = 0.05    # additive shift uniform in ±brightness × the full intensity range
-    contrast: float = 0.05      # factor uniform in 1 ± contrast, around the image mean
-    hflip: bool = False         # off by default: a mirrored chest puts the heart on the wrong side
+# Entry kinds of the epoch plan: (kind, index) pairs. _ROUNDTRIP is a real image read from the round-trip store.
+_REAL, _SYNTHETIC, _PADDING, _ROUNDTRIP = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +60,24 @@ class DataConfig:
     balanced_sampling: bool = False
     num_workers: int = 0                     # Grain worker processes; 0 = this process
     augment: AugmentConfig = AugmentConfig()
+    target_class: str = ""                   # the scarce finding `target_fraction` thins
+    target_fraction: float = 1.0             # train split: keep this share of target_class's patients
+    target_fraction_seed: int = 0            # which of them
+    roundtrip_dir: str = ""                  # VAE round trips of the training images, by image id
+    roundtrip_prob: float = 0.0              # train: chance a real image is read from roundtrip_dir instead
+
+    def __post_init__(self):
+        if not 0.0 <= self.target_fraction <= 1.0:
+            raise ValueError(f"data.target_fraction={self.target_fraction} must lie in [0, 1] (the share of the "
+                             "target class's training patients to keep)")
+        if self.target_fraction < 1.0 and not self.target_class:
+            raise DataError(f"data.target_fraction={self.target_fraction} needs data.target_class (whose "
+                             "training patients to thin)")
+        if not 0.0 <= self.roundtrip_prob <= 1.0:
+            raise DataError(f"data.roundtrip_prob={self.roundtrip_prob} must be a probability in [0, 1]")
+        if self.roundtrip_prob > 0 and not self.roundtrip_dir:
+            raise DataError(f"data.roundtrip_prob={self.roundtrip_prob} needs data.roundtrip_dir (a store "
+                             "written by xray_dit.study.arms.write_roundtrip_store)")
 
     @classmethod
     def from_config(cls, config: Any) -> DataConfig:
@@ -88,6 +98,11 @@ class DataConfig:
             num_workers=int(values.get("num_workers") or 0),
             augment=AugmentConfig(**{f.name: augment[f.name] for f in dataclasses.fields(AugmentConfig)
                                      if f.name in augment}),
+            target_class=str(values.get("target_class") or ""),
+            target_fraction=float(values.get("target_fraction", 1.0)),
+            target_fraction_seed=int(values.get("target_fraction_seed") or 0),
+            roundtrip_dir=os.fspath(values.get("roundtrip_dir") or ""),
+            roundtrip_prob=float(values.get("roundtrip_prob") or 0.0),
         )
 
 
@@ -155,10 +170,26 @@ def check_dataset(builder: tfds.core.DatasetBuilder) -> None:
 
 
 def metadata_table(config: Any, split: str, *, data_dir: str | os.PathLike | None = None) -> splits.MetadataTable:
-    """Image id, patient id, labels, age, sex, view of every record of `split`, by record index."""
+    """Image id, patient id, labels, age, sex, view of every image of `split` the pipeline reads, by the
+    `index` its batches carry (the record index, unless `target_fraction` thins the train split)."""
     builder = load_builder(config, data_dir=data_dir)
     _require_split(builder, split)
-    return _read_table(builder, split)
+    return _split_rows(builder, split, DataConfig.from_config(config))[0]
+
+
+def _split_rows(builder: tfds.core.DatasetBuilder, split: str,
+                cfg: DataConfig) -> tuple[splits.MetadataTable, np.ndarray]:
+    """The split as every reader sees it: its table, and the record index of each of the table's rows.
+
+    The one place the scarcity axis applies: the train split keeps `target_fraction` of the target
+    class's patients (`splits.target_fraction_patients`); validation and test are always whole.
+    """
+    table = _read_table(builder, split)
+    if split != "train" or cfg.target_fraction >= 1.0:
+        return table, np.arange(len(table), dtype=np.int64)
+    records = splits.target_fraction_patients(table, cfg.target_class, cfg.target_fraction,
+                                              cfg.target_fraction_seed)
+    return table.take(records), records.astype(np.int64)
 
 
 def _require_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
@@ -172,12 +203,13 @@ def _require_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class _EpochPlan:
     """Which (kind, index) entries an epoch holds and in which order; a pure function of the epoch."""
-    real: np.ndarray                          # record indices of the real images in play
-    groups: tuple[np.ndarray, ...] | None     # balanced sampling: record indices per class group
+    real: np.ndarray                          # table indices of the real images in play
+    groups: tuple[np.ndarray, ...] | None     # balanced sampling: table indices per class group
     synthetic: np.ndarray                     # synthetic indices included in every epoch
     shuffle: bool
     seed: int
     pad_to: int                               # pad each epoch to a multiple of this (evaluation)
+    roundtrip_prob: float = 0.0               # chance a real entry reads its stored round trip instead
 
     @property
     def unpadded_length(self) -> int:
@@ -201,6 +233,8 @@ class _EpochPlan:
         entries = np.stack([kinds, np.concatenate([real, self.synthetic])], axis=1).astype(np.int64)
         if self.shuffle:
             entries = entries[rng.permutation(len(entries))]
+        swap = roundtrip.swap_mask(self.seed, epoch, len(entries), self.roundtrip_prob)
+        entries[swap & (entries[:, 0] == _REAL), 0] = _ROUNDTRIP
         padding = np.tile(np.array([[_PADDING, -1]], np.int64), (self.length - len(entries), 1))
         return np.concatenate([entries, padding])
 
@@ -241,14 +275,21 @@ def _decode_png(data: bytes) -> np.ndarray:
 
 
 class _ReadAndDecode(grain.transforms.Map):
-    """(kind, index) → image (H, W) uint8 and the numeric fields."""
+    """(kind, index) → image (H, W) uint8 and the numeric fields.
+
+    A real entry's index is its row in the split's table; `records` maps rows to the prepared records
+    (they differ when the train split is thinned). A round-trip entry is the same row read from the
+    round-trip store, with the real image's labels.
+    """
 
     def __init__(self, real_source, real_labels, real_mask, synthetic: SyntheticSource | None,
-                 synthetic_labels, synthetic_mask, size: int):
-        self._real_source = real_source
+                 synthetic_labels, synthetic_mask, size: int, *, records: np.ndarray,
+                 roundtrip_source: roundtrip.RoundtripSource | None = None):
+        self._real_source, self._records = real_source, records
         self._real_labels, self._real_mask = real_labels, real_mask
         self._synthetic = synthetic
         self._synthetic_labels, self._synthetic_mask = synthetic_labels, synthetic_mask
+        self._roundtrip = roundtrip_source
         self._size = size
 
     def map(self, entry: np.ndarray) -> dict[str, np.ndarray]:
@@ -259,78 +300,31 @@ class _ReadAndDecode(grain.transforms.Map):
                     "labels": np.zeros(num_labels, np.float32), "label_mask": np.zeros(num_labels, np.float32),
                     "index": np.int32(-1), "is_synthetic": np.int32(0), "valid": np.int32(0)}
         if kind == _REAL:
-            gray = _decode_png(self._real_source[index]["image"])
-            labels, mask = self._real_labels[index], self._real_mask[index]
+            gray = _decode_png(self._real_source[int(self._records[index])]["image"])
         else:
-            gray = self._decode_synthetic(index)
+            source = self._synthetic if kind == _SYNTHETIC else self._roundtrip
+            gray = self._decode_file(source, index, "synthetic" if kind == _SYNTHETIC else "round-trip")
             if gray.shape != (self._size, self._size):  # generated at another resolution
                 gray = common.center_square_resize(gray, self._size)
+        if kind == _SYNTHETIC:
             labels, mask = self._synthetic_labels[index], self._synthetic_mask[index]
+        else:
+            labels, mask = self._real_labels[index], self._real_mask[index]
         return {"image": gray, "labels": labels, "label_mask": mask, "index": np.int32(index),
                 "is_synthetic": np.int32(kind == _SYNTHETIC), "valid": np.int32(1)}
 
-    def _decode_synthetic(self, index: int) -> np.ndarray:
-        # Prepared records were decoded once already; a synthetic folder is whatever someone put there, and
-        # PIL's own error names neither the file nor the folder.
+    @staticmethod
+    def _decode_file(source, index: int, what: str) -> np.ndarray:
+        # Prepared records were decoded once already; a folder is whatever someone put there, and PIL's own
+        # error names neither the file nor the folder.
         try:
-            return _decode_png(self._synthetic[index]["image"])
+            return _decode_png(source[index]["image"])
         except (OSError, SyntaxError, ValueError) as e:
-            path = self._synthetic.folder / self._synthetic.files[index]
+            path = source.folder / source.files[index]
             raise common.BadImageError(
-                f"synthetic image {path} cannot be decoded ({type(e).__name__}: {e}); regenerate it (delete it "
-                f"and rerun the task that wrote {self._synthetic.folder}) or remove its row from "
-                f"{self._synthetic.folder / MANIFEST}") from e
-
-
-def _to_unit_range(gray: np.ndarray) -> np.ndarray:
-    return (gray.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0))[..., None]
-
-
-class _ToFloat(grain.transforms.Map):
-    def map(self, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**element, "image": _to_unit_range(element["image"])}
-
-
-class _Augment(grain.transforms.RandomMap):
-    """Small affine jitter (rotation, zoom, shift) on the uint8 image, then brightness/contrast."""
-
-    def __init__(self, config: AugmentConfig):
-        self._config = config
-
-    def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        cfg = self._config
-        gray = element["image"]
-        angle = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg))
-        zoom = rng.uniform(1.0 - cfg.scale, 1.0 + cfg.scale)
-        shift = rng.uniform(-cfg.translate, cfg.translate, size=2) * np.array(gray.shape[::-1])
-        if angle or zoom != 1.0 or shift.any():
-            gray = _affine(gray, angle, zoom, shift)
-        if cfg.hflip and rng.random() < 0.5:
-            gray = gray[:, ::-1]
-        image = _to_unit_range(gray)
-        contrast = rng.uniform(1.0 - cfg.contrast, 1.0 + cfg.contrast)
-        brightness = rng.uniform(-cfg.brightness, cfg.brightness) * 2.0  # the [-1, 1] range spans 2
-        if contrast != 1.0 or brightness:
-            mean = image.mean()
-            image = np.clip((image - mean) * np.float32(contrast) + mean + np.float32(brightness), -1.0, 1.0)
-        return {**element, "image": image.astype(np.float32)}
-
-
-def _affine(gray: np.ndarray, angle: float, zoom: float, shift: np.ndarray) -> np.ndarray:
-    """Rotates by `angle` and zooms by `zoom` about the centre, then shifts by `shift` (x, y) pixels.
-
-    PIL's AFFINE maps output pixels back to input pixels, so it takes the inverse transform:
-    in = c + R(-angle)/zoom · (out - c - shift).
-    """
-    height, width = gray.shape
-    centre = np.array([width / 2.0, height / 2.0])
-    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
-    inverse = np.array([[cos, sin], [-sin, cos]])
-    offset = centre - inverse @ (centre + shift)
-    coefficients = (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1], offset[1])
-    image = Image.fromarray(gray, mode="L").transform((width, height), Image.Transform.AFFINE, coefficients,
-                                                      resample=Image.Resampling.BILINEAR, fillcolor=0)
-    return np.asarray(image, dtype=np.uint8)
+                f"{what} image {path} cannot be decoded ({type(e).__name__}: {e}); regenerate it (delete it "
+                f"and rerun the task that wrote {source.folder}) or remove its row from "
+                f"{source.folder / MANIFEST}") from e
 
 
 # ---- The entry point ---------------------------------------------------------------------------
@@ -358,12 +352,15 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
         `synthetic_count` of them per epoch or `synthetic_ratio` × the real images per epoch (all of
         them if neither is given). The chosen subset is fixed by the seed; when more are asked for
         than exist, the folder is repeated.
+    The train split (train=True or not) holds only `config.target_fraction` of the target class's
+    patients; a train=True pipeline reads each real image from `config.roundtrip_dir` with probability
+    `config.roundtrip_prob` (per example and epoch; synthetic images never).
     """
     cfg = DataConfig.from_config(config)
     builder = load_builder(cfg, data_dir=data_dir)
     _require_split(builder, split)
     check_dataset(builder)
-    table = _read_table(builder, split)
+    table, records = _split_rows(builder, split, cfg)
     label_names = cfg.labels or table.label_names
     columns = table.label_columns(label_names)
     process_index = jax.process_index() if process_index is None else process_index
@@ -391,8 +388,9 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     elif synthetic_count is not None or synthetic_ratio is not None:
         raise ValueError("synthetic_count/synthetic_ratio given without a synthetic folder")
 
+    roundtrip_prob = cfg.roundtrip_prob if train else 0.0
     plan = _EpochPlan(real=real, groups=groups, synthetic=synthetic_indices, shuffle=train, seed=seed,
-                      pad_to=1 if train else batch_size)
+                      pad_to=1 if train else batch_size, roundtrip_prob=roundtrip_prob)
     if train and plan.unpadded_length < batch_size:
         raise DataError(f"{what} has {plan.unpadded_length} images after filtering/mixing, fewer than one "
                         f"global batch of {batch_size}; lower the batch size or add data")
@@ -406,13 +404,15 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
         builder.as_data_source(split=split, decoders=builders.SKIP_IMAGE_DECODING),
         table.labels[:, columns], table.label_mask[:, columns],
         source, None if source is None else source.labels[:, columns],
-        None if source is None else source.label_mask[:, columns], builders.image_size(builder)))
+        None if source is None else source.label_mask[:, columns], builders.image_size(builder),
+        records=records,
+        roundtrip_source=roundtrip.RoundtripSource(cfg.roundtrip_dir, table.image_id) if roundtrip_prob else None))
     if train:
         # Different processes hold different images at the same position: give them different draws.
-        ds = ds.random_map(_Augment(cfg.augment), seed=int(np.random.default_rng([seed, process_index])
+        ds = ds.random_map(augment.Augment(cfg.augment), seed=int(np.random.default_rng([seed, process_index])
                                                                 .integers(2**31)))
     else:
-        ds = ds.map(_ToFloat())
+        ds = ds.map(augment.ToFloat())
     ds = ds.batch(local_batch, drop_remainder=train)
 
     workers = cfg.num_workers if num_workers is None else num_workers
@@ -420,8 +420,8 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
     if workers > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    logging.info("%s: %d real + %d synthetic images per epoch, local batch %d, %s", what, len(real),
-                 len(synthetic_indices), local_batch, "train" if train else "eval")
+    logging.info("%s: %d real (%.0f %% round-tripped) + %d synthetic images per epoch, local batch %d, %s", what,
+                 len(real), 100 * roundtrip_prob, len(synthetic_indices), local_batch, "train" if train else "eval")
     return iter_ds
 
 

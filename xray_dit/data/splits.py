@@ -91,3 +91,35 @@ class MetadataTable:
         """Indices of the records known to be positive for `name`."""
         column = self.label_columns([name])[0]
         return np.flatnonzero((self.labels[:, column] == 1) & (self.label_mask[:, column] == 1))
+
+    def take(self, indices: np.ndarray) -> MetadataTable:
+        """The rows at `indices`, in that order, as a table of their own (indexed from 0)."""
+        rows = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)
+                                            if f.name != "label_names"})
+
+
+def target_fraction_patients(table: MetadataTable, target_class: str, fraction: float, seed: int) -> np.ndarray:
+    """Record indices of a training table kept when only `fraction` of the target class's patients remain.
+
+    Simulates scarcity of the finding: of the patients with at least one image known positive for
+    `target_class`, round(fraction × #patients) (at least one when fraction > 0) are kept and the others
+    leave with *all* their images, negatives included. Whole patients go because a site with fewer
+    such patients would not hold their other images either, because a patient's images are correlated
+    (keeping the negatives would keep most of that chest in training), and because a follow-up image of a
+    patient with, say, cardiomegaly is often a mislabelled negative. Patients never positive for the
+    target (uncertain labels included) are all kept. Validation and test are not this function's
+    business: pass the training table only, and evaluate on the untouched other splits.
+
+    The choice depends only on the set of positive patients, the fraction and the seed (patients are
+    sorted before the seeded permutation), and for one seed a smaller fraction keeps a subset of the
+    patients a larger one keeps, so a dose-response over fractions is nested.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction of target patients to keep must lie in [0, 1], got {fraction}")
+    patients = np.array(sorted(set(table.patient_id[table.positives(target_class)].tolist())), dtype=object)
+    count = round(fraction * len(patients))
+    if fraction > 0 and len(patients):
+        count = max(1, count)
+    dropped = patients[np.random.default_rng(seed).permutation(len(patients))[count:]]
+    return np.flatnonzero(~np.isin(table.patient_id.astype(str), dropped.astype(str)))

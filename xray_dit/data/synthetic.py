@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from etils import epath
@@ -88,32 +88,57 @@ def write_synthetic(folder: str | os.PathLike, images: np.ndarray, labels: Seque
     `images`: (N, H, W) or (N, H, W, 1), uint8, or float in [-1, 1] (the pipeline's convention),
     which is rounded to uint8. `labels`: one label string per image ("A" or "A|B").
     """
-    images = np.asarray(images)
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = images[..., 0]
-    if images.ndim != 3:
-        raise ValueError(f"images must be (N, H, W) or (N, H, W, 1), got {images.shape}")
-    if np.issubdtype(images.dtype, np.floating):
-        images = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    elif images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 or float in [-1, 1], got {images.dtype}")
+    images = to_uint8(images)
     extra_columns = dict(extra_columns or {})
-    for name, values in {"label": labels, **extra_columns}.items():
+    columns = {"label": labels, **extra_columns}
+    for name, values in columns.items():
         if len(values) != len(images):
             raise ValueError(f"column {name!r} has {len(values)} values for {len(images)} images")
+    rows = [{name: values[i] for name, values in columns.items()} for i in range(len(images))]
+    return write_batches(folder, [(images, rows)], columns=tuple(columns), prefix=prefix)
+
+
+def write_batches(folder: str | os.PathLike, batches: Iterable[tuple[np.ndarray, Sequence[Mapping[str, object]]]],
+                  *, columns: Sequence[str], prefix: str) -> epath.Path:
+    """`write_synthetic` one batch at a time (only one is ever in memory): (images, one row per image).
+
+    Each row maps every name in `columns` ("label" among them) to its value; files are numbered on
+    across batches.
+    """
+    if "label" not in columns:
+        raise ValueError(f"a synthetic manifest needs a 'label' column; got columns {list(columns)}")
     folder = epath.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = [f"{prefix}_{i:06d}.png" for i in range(len(images))]
-    for name, pixels in zip(files, images):
-        (folder / name).write_bytes(common.encode_png(pixels))
+    listed = []
+    for images, rows in batches:
+        images = to_uint8(images)
+        if len(rows) != len(images):
+            raise ValueError(f"{len(rows)} manifest rows for {len(images)} images")
+        for pixels, row in zip(images, rows):
+            name = f"{prefix}_{len(listed):06d}.png"
+            (folder / name).write_bytes(common.encode_png(pixels))
+            listed.append([name, *(row[c] for c in columns)])
     # The manifest goes last and appears atomically: an interrupted write leaves no folder that loads. It
     # replaces an earlier manifest, as when a phase killed after writing is run again (epath's rename refuses).
     manifest = folder / MANIFEST
     partial = folder / (MANIFEST + ".partial")
     with partial.open("w") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["file", "label", *extra_columns])
-        for i, name in enumerate(files):
-            writer.writerow([name, labels[i], *(values[i] for values in extra_columns.values())])
+        writer.writerow(["file", *columns])
+        writer.writerows(listed)
     partial.replace(manifest)
     return manifest
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) or (N, H, W, 1), uint8 or float in [-1, 1] (rounded, clipped) → (N, H, W) uint8."""
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, 1), got {images.shape}")
+    if np.issubdtype(images.dtype, np.floating):
+        return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 or float in [-1, 1], got {images.dtype}")
+    return images

@@ -1,4 +1,4 @@
-"""Classification statistics: per-class AUC and ROC, thresholds, confusion, patient bootstrap, DeLong.
+"""Classification statistics: per-class AUC and ROC, AUPRC, thresholds, confusion, patient bootstrap, DeLong.
 
 Inputs are numpy arrays: `labels` are 0/1 (multi-label: (N, C)), `probs`/`scores` are any monotone
 classifier outputs (probabilities or logits) of the same shape. A score is called positive when
@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse
 import scipy.stats
 from etils import epath
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
 
 class RocCurve(NamedTuple):
@@ -145,6 +145,43 @@ def youden_threshold(labels, probs) -> float:
     j = (tpr - fpr)[1:]
     # Equal J values can differ in the last bit (2/3 - 0 vs 1 - 1/3), so ties are judged with a tolerance.
     return float(thresholds[1:][np.flatnonzero(j >= j.max() - 1e-12)[0]])
+
+
+def threshold_at_specificity(labels, scores, specificity: float = 0.9) -> float:
+    """The lowest observed score (so the highest sensitivity) whose specificity here is >= `specificity`.
+
+    Choose it on validation predictions and apply it unchanged to the test set. Ties cannot be split, so
+    the achieved specificity may exceed the target; when no observed score reaches it, the result lies
+    just above the highest score (nothing is called positive)."""
+    labels = _binary_labels(labels)
+    scores = _scores_like(scores, labels)
+    negatives = np.sort(scores[labels == 0])
+    if not 0.0 <= specificity <= 1.0 or negatives.size == 0:
+        raise ValueError(f"need a specificity in [0, 1] and negative images, got {specificity} and "
+                         f"{negatives.size} negative images")
+    candidates = np.unique(scores)
+    # True negatives are the negatives strictly below a threshold (positive means score >= it).
+    achieved = np.searchsorted(negatives, candidates, side="left") / negatives.size
+    reaching = np.flatnonzero(achieved >= specificity - 1e-12)  # 9/10 vs 0.9 must not fail by one ulp
+    return float(candidates[reaching[0]] if reaching.size else np.nextafter(scores.max(), np.inf))
+
+
+def sensitivity_at_threshold(labels, scores, threshold: float) -> float:
+    """Share of positive images with score >= threshold; NaN when there is no positive image."""
+    labels = _binary_labels(labels)
+    scores = _scores_like(scores, labels)
+    positives = scores[labels == 1]
+    return float(np.mean(positives >= threshold)) if positives.size else float("nan")
+
+
+def auprc(labels, scores) -> float:
+    """Area under the precision-recall curve as sklearn's average precision, sum_k (R_k - R_k-1) P_k.
+
+    Not interpolated (that would be optimistic); chance level is the prevalence, so compare on the same images."""
+    labels = _binary_labels(labels)
+    scores = _scores_like(scores, labels)
+    _both_classes(labels, "an AUPRC")
+    return float(average_precision_score(labels, scores))
 
 
 def confusion(labels, probs, threshold: float) -> np.ndarray:

@@ -72,6 +72,9 @@ def _cache_fingerprint(config, vae_dir, class_names, only_class) -> dict:
     return {"vae_dir": str(vae_dir), "vae_info_sha": hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest(),
             "vae_params_sha": hashlib.sha256("\n".join(params_files).encode()).hexdigest(),
             "dataset": f"{config.data.name}/{config.data.builder_config}", "split": "train",
+            # The scarcity axis decides which training images exist at all.
+            "target_fraction": [float(config.data.get("target_fraction", 1.0)),
+                                int(config.data.get("target_fraction_seed", 0))],
             "class_names": list(class_names), "only_class": only_class, "image_size": int(config.data.image_size)}
 
 

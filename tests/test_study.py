@@ -175,3 +175,10 @@ def test_filters_on_constructed_sets():
     assert d[0] == pytest.approx(0.0, abs=1e-9) and d[1] == pytest.approx(0.0, abs=1e-9)
     loo = filters.kth_neighbour_distance(reference, reference, 1, exclude_self=True)
     assert np.all(loo > 0)
+
+
+def test_quality_encoder_is_a_baseline_seed_the_filters_did_not_use():
+    from xray_dit.study import probe
+    assert probe.quality_encoder_seed(["10", "2", "7"]) == "7"   # the filters' probe takes seed "2"
+    assert probe.quality_encoder_seed([3, 1]) == 3
+    assert probe.quality_encoder_seed(["0"]) is None

@@ -13,6 +13,7 @@ outside training (validation, or test where the integrator allows it); a patient
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -115,7 +116,9 @@ def denoising_losses(apply_fn: Callable, params, latents, labels, schedule: Sche
     x, t, y)`), given original timesteps `schedule.timestep_map[t]` as in training; a learned-variance
     output is split and only ε is scored. `latents` (N, H, W, C) are exactly what the DiT trained on (VAE
     posterior means times the scaling factor); `labels` (N,) or None for an unconditional DiT. Image i's
-    noise comes from `fold_in(rng, i)`, so results do not depend on `batch_size`. Lower loss = member.
+    noise comes from `fold_in(rng, i)`, so results do not depend on `batch_size`, and image i of every set
+    scored with one `rng` gets the same noise (common random numbers for members and non-members). Calls
+    with the same `apply_fn` and `schedule` objects reuse one compiled program. Lower loss = member.
     """
     latents = np.asarray(latents, np.float32)
     steps = np.asarray(timesteps, np.int32).ravel()
@@ -127,27 +130,47 @@ def denoising_losses(apply_fn: Callable, params, latents, labels, schedule: Sche
     conditional = labels is not None
     labels = np.zeros(len(latents), np.int32) if labels is None else np.asarray(labels, np.int32)
     grid_t = jnp.asarray(np.repeat(steps, n_noise))                     # every (timestep, draw) pair
-    timestep_map = jnp.asarray(schedule.timestep_map, jnp.int32)
-
-    @jax.jit
-    def batch_losses(params, x0, y, keys):
-        def one_pair(total, pair):
-            index, t_index = pair
-            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), x0.shape[1:]))(keys)
-            t = jnp.full((x0.shape[0],), t_index)
-            x_t = losses.q_sample(schedule, x0, t, noise)
-            out = apply_fn(params, x_t, timestep_map[t], y if conditional else None).astype(jnp.float32)
-            eps, _ = samplers.split_model_output(out, x0.shape[-1])
-            return total + losses.epsilon_mse_loss(eps, noise), None
-        total, _ = jax.lax.scan(one_pair, jnp.zeros(x0.shape[0]), (jnp.arange(grid_t.size), grid_t))
-        return total / grid_t.size
-
+    static = dict(apply_fn=apply_fn, schedule=_ByIdentity(schedule), conditional=conditional)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(len(latents)))
     batch_size = min(batch_size, len(latents))
     result = []
     for start in range(0, len(latents), batch_size):
         # A short last batch repeats its last image, so every batch has the one compiled shape.
         rows = np.minimum(np.arange(start, start + batch_size), len(latents) - 1)
-        losses_of_batch = batch_losses(params, jnp.asarray(latents[rows]), jnp.asarray(labels[rows]), keys[rows])
+        losses_of_batch = _batch_denoising_losses(params, jnp.asarray(latents[rows]), jnp.asarray(labels[rows]),
+                                                  keys[rows], grid_t, **static)
         result.append(np.asarray(losses_of_batch)[:len(latents) - start])
     return np.concatenate(result)
+
+
+class _ByIdentity:
+    """A static jit argument equal only to itself: the compiled program stays tied to this very object
+    (a schedule of numpy tables has no hash of its own)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.value is self.value
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "schedule", "conditional"))
+def _batch_denoising_losses(params, x0, y, keys, grid_t, *, apply_fn, schedule, conditional):
+    """Mean ε MSE of each image over the (timestep, draw) pairs `grid_t`, as one scan."""
+    schedule = schedule.value
+    timestep_map = jnp.asarray(schedule.timestep_map, jnp.int32)
+
+    def one_pair(total, pair):
+        index, t_index = pair
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), x0.shape[1:]))(keys)
+        t = jnp.full((x0.shape[0],), t_index)
+        x_t = losses.q_sample(schedule, x0, t, noise)
+        out = apply_fn(params, x_t, timestep_map[t], y if conditional else None).astype(jnp.float32)
+        eps, _ = samplers.split_model_output(out, x0.shape[-1])
+        return total + losses.epsilon_mse_loss(eps, noise), None
+
+    total, _ = jax.lax.scan(one_pair, jnp.zeros(x0.shape[0]), (jnp.arange(grid_t.size), grid_t))
+    return total / grid_t.size

@@ -64,7 +64,8 @@ def test_near_copies_move_scale_and_noise_their_sources_as_documented():
     noisy = calibration.near_copies(train[:, :, :, None], 200, np.random.default_rng(4), noise=0.1, max_shift=0,
                                     contrast=0.0)
     assert noisy.images.shape == (200, 12, 10, 1)
-    residual = (noisy.images[..., 0] - train[noisy.source_index]) / train[noisy.source_index].std(axis=(1, 2))[:, None, None]
+    sources = train[noisy.source_index]
+    residual = (noisy.images[..., 0] - sources) / sources.std(axis=(1, 2))[:, None, None]
     assert residual.std() == pytest.approx(0.1, rel=0.05)
 
 

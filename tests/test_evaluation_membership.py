@@ -70,7 +70,8 @@ def test_distance_attack_finds_copied_members_and_not_independent_samples():
     member_ids, nonmember_ids = np.arange(40) // 2, 100 + np.arange(40) // 2
     leaked = membership.distance_attack(members, nonmembers, members[:30] + 0.01 * rng.random((30, 8, 8)),
                                         member_ids, nonmember_ids, n_boot=300, n_permutations=300)
-    assert leaked.auc > 0.8 and leaked.lower > 0.5   # 30 of 40 members copied: expected 0.75 + 0.25 / 2 and leaked.p_value < 0.01
+    # 30 of 40 members copied: expected AUC 0.75 · 1 + 0.25 · 1/2.
+    assert leaked.auc > 0.8 and leaked.lower > 0.5 and leaked.p_value < 0.01
     safe = membership.distance_attack(members, nonmembers, rng.random((30, 8, 8)), member_ids, nonmember_ids,
                                       n_boot=300, n_permutations=300)
     assert safe.lower < 0.5 < safe.upper and safe.p_value > 0.05

@@ -58,8 +58,8 @@ def class_matched_reference(validation_target, train_target, train_patients, *, 
             np.asarray(distances), "validation",
             f"{len(validation_target)} validation images of the target class → their nearest of the "
             f"{len(train_target)} training images of the target class",
-            len(validation_target),
-            None if validation_patients is None else len(np.unique(validation_patients)), np.arange(len(train_target)), np.arange(len(validation_target)))
+            len(validation_target), None if validation_patients is None else len(np.unique(validation_patients)),
+            np.arange(len(train_target)), np.arange(len(validation_target)))
     heldout = _patient_split_off(train_patients, min(min_count, len(train_target) // 2), seed)
     reference = np.flatnonzero(~heldout)
     if not heldout.any() or not len(reference):

@@ -3,12 +3,14 @@
 The protocol, and which data may enter where:
   1. distances of held-out real images (validation patients, never test) to their nearest training image
      set the threshold: `privacy_threshold(heldout_to_train_distances=...)`, e.g. its 1st percentile, a
-     distance that new real patients' images almost never get below;
+     distance that new real patients' images almost never get below (`calibration.class_matched_reference`
+     restricts both sides to the generated class; `calibration.near_copies` checks that it catches copies);
   2. a synthetic image nearer than that to some training image counts as memorised (`is_memorised`,
      `memorisation_rate`);
   3. membership inference: if training images lie closer to the synthetic set than held-out images do,
      an attacker holding a patient's image learns whether the patient was in the training set
-     (`membership_inference_auc`; 0.5 = no leakage, 1 = every member identifiable).
+     (`membership_inference_auc`; 0.5 = no leakage, 1 = every member identifiable; `membership` adds
+     patient-level uncertainty and a white-box attack on the DiT).
 Distances are feature-space (`nearest_neighbours`, cosine or Euclidean) or pixel-space
 (`pixel_nearest_neighbours`, 1 - Pearson correlation, which ignores brightness and contrast changes;
 `shift_tolerant_pixel_nearest_neighbours` also ignores small translations, which plain correlation does

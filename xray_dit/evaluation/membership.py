@@ -81,14 +81,15 @@ def mia_auc_with_ci(member_scores, nonmember_scores, member_patients, nonmember_
     relabelled together, because images of one patient are not independent.
     """
     members, nonmembers = _scores(member_scores, "member_scores"), _scores(nonmember_scores, "nonmember_scores")
-    member_patients, nonmember_patients = np.asarray(member_patients), np.asarray(nonmember_patients)
+    member_patients = np.asarray(member_patients).astype(str)        # ids compared as text, as stored
+    nonmember_patients = np.asarray(nonmember_patients).astype(str)
     if member_patients.shape != members.shape or nonmember_patients.shape != nonmembers.shape:
         raise ValueError("need one patient id per member and per non-member score")
     if set(member_patients.tolist()) & set(nonmember_patients.tolist()):
         raise ValueError("a patient is both member and non-member; non-members must be patients outside training")
     is_member = np.concatenate([np.ones(members.size, int), np.zeros(nonmembers.size, int)])
     likeness = np.concatenate([members, nonmembers]) * (-1.0 if lower_is_member else 1.0)
-    patients = np.concatenate([member_patients, nonmember_patients]).astype(str)
+    patients = np.concatenate([member_patients, nonmember_patients])
     ci = classification.bootstrap_auc_ci(is_member, likeness, patients, n_boot=n_boot, seed=seed, alpha=alpha)
     p_value = patient_permutation_p_value(likeness, is_member, patients, n_permutations, seed)
     return MembershipInference(float(roc_auc_score(is_member, likeness)), ci.lower, ci.upper, float(p_value),

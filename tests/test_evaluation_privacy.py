@@ -37,6 +37,29 @@ def test_pixel_nearest_neighbours_use_pearson_correlation_in_chunks():
     np.testing.assert_allclose(unchunked[0], distances, atol=1e-12)
 
 
+def test_shift_tolerant_pixel_nearest_neighbours_match_brute_force_over_offsets():
+    rng = np.random.default_rng(4)
+    reference = rng.random((6, 11, 9))
+    s = 2
+    query = np.stack([np.roll(reference[3], (1, -2), axis=(0, 1)), rng.random((11, 9)), 3 * reference[5] + 1])
+    best = np.full((3, 6), -np.inf)   # brute force: Pearson correlation of every window pair
+    for i in range(3):
+        for j in range(6):
+            for dy in range(-s, s + 1):
+                for dx in range(-s, s + 1):
+                    window = query[i, s + dy:11 - s + dy, s + dx:9 - s + dx]
+                    corr = np.corrcoef(window.ravel(), reference[j, s:11 - s, s:9 - s].ravel())[0, 1]
+                    best[i, j] = max(best[i, j], corr)
+    distances, indices, offsets = privacy.shift_tolerant_pixel_nearest_neighbours(query[..., None], reference, s,
+                                                                                  chunk_size=4)
+    np.testing.assert_array_equal(indices, best.argmax(axis=1))
+    np.testing.assert_allclose(distances, 1 - best.max(axis=1), atol=1e-12)
+    assert indices[0] == 3 and tuple(offsets[0]) == (1, -2) and distances[0] < 1e-12
+    assert indices[2] == 5 and tuple(offsets[2]) == (0, 0)
+    with pytest.raises(ValueError, match="2·max_shift"):
+        privacy.shift_tolerant_pixel_nearest_neighbours(query, reference, max_shift=5)
+
+
 def test_privacy_threshold_takes_only_explicitly_named_heldout_distances():
     heldout = np.linspace(0.0, 1.0, 101)
     assert privacy.privacy_threshold(heldout_to_train_distances=heldout, percentile=5.0) == pytest.approx(0.05)

@@ -34,6 +34,95 @@ def test_frechet_distance_survives_singular_covariances():
         syn.frechet_distance(a, b[:, :5])
 
 
+# ---- KID and equal-n comparisons --------------------------------------------------------------------------
+def brute_force_mmd2(a, b):
+    def k(x, y):
+        return (sum(x[d] * y[d] for d in range(len(x))) / len(x) + 1.0) ** 3
+    m, n = len(a), len(b)
+    within_a = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    within_b = sum(k(b[i], b[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    cross = sum(k(a[i], b[j]) for i in range(m) for j in range(n)) / (m * n)
+    return within_a + within_b - 2 * cross
+
+
+def test_kid_is_the_unbiased_mmd2_of_the_cubic_kernel():
+    rng = np.random.default_rng(10)
+    a, b = rng.normal(size=(7, 3)), rng.normal(0.5, 1.0, size=(9, 3))
+    assert syn.mmd2_unbiased(a, b) == pytest.approx(brute_force_mmd2(a, b), rel=1e-10)
+    whole = syn.kid(a, b, subset_size=7, n_subsets=1)   # a subset of all of a is a permutation of it
+    assert whole.subset_size == 7 and whole.n_subsets == 1
+    subsets = syn.kid(a, b, subset_size=5, n_subsets=4, seed=3)
+    draw = np.random.default_rng(3)
+    expected = [brute_force_mmd2(a[draw.choice(7, 5, replace=False)], b[draw.choice(9, 5, replace=False)])
+                for _ in range(4)]
+    assert subsets.value == pytest.approx(np.mean(expected), rel=1e-10)
+    assert subsets.sd == pytest.approx(np.std(expected, ddof=1), rel=1e-10)
+    assert subsets.standard_error == pytest.approx(subsets.sd / 2)
+
+
+def test_kid_expectation_is_zero_for_one_distribution_where_the_biased_estimate_is_not():
+    rng = np.random.default_rng(11)
+    unbiased, biased = [], []
+    for _ in range(300):
+        a, b = rng.normal(size=(15, 4)), rng.normal(size=(15, 4))
+        unbiased.append(syn.kid(a, b, subset_size=15, n_subsets=1).value)
+        biased.append(syn.polynomial_kernel(a, a).mean() + syn.polynomial_kernel(b, b).mean()
+                      - 2 * syn.polynomial_kernel(a, b).mean())
+    standard_error = np.std(unbiased) / np.sqrt(300)
+    assert abs(np.mean(unbiased)) < 3 * standard_error
+    assert np.mean(biased) > 10 * np.std(biased) / np.sqrt(300)   # the V-statistic's O(1/n) bias, visible
+    shifted = syn.kid(rng.normal(size=(200, 4)), rng.normal(1.0, 1.0, size=(200, 4)), subset_size=100, n_subsets=20)
+    assert shifted.value > 20 * shifted.standard_error
+
+
+def test_equal_n_draws_every_set_and_the_shared_reference_at_one_size():
+    rng = np.random.default_rng(12)
+    reference, big, small = rng.normal(size=(50, 2)), rng.normal(size=(40, 2)), rng.normal(size=(12, 2))
+    calls = []
+
+    def record(ref, x):
+        calls.append((ref, x))
+        return float(ref.sum() - x.sum())
+
+    result = syn.equal_n(record, reference, {"big": big, "small": small}, repeats=5, seed=1)
+    assert all(r.n == 12 and r.repeats == 5 for r in result.values())
+    for i in range(0, 10, 2):
+        (ref_big, x_big), (ref_small, x_small) = calls[i], calls[i + 1]
+        assert ref_big is ref_small and len(ref_big) == len(x_big) == len(x_small) == 12
+        for subset, pool in ((ref_big, reference), (x_big, big), (x_small, small)):
+            rows = [np.flatnonzero((pool == row).all(axis=1)) for row in subset]
+            assert all(len(r) == 1 for r in rows) and len({int(r[0]) for r in rows}) == 12  # no repeats
+    big_values = [record_ref.sum() - x.sum() for record_ref, x in calls[0::2]]
+    assert result["big"] == (pytest.approx(np.mean(big_values)), pytest.approx(np.std(big_values, ddof=1)), 12, 5)
+    with pytest.raises(ValueError, match="too small"):
+        syn.equal_n(record, reference, {"small": small}, n=20)
+
+
+def test_equal_n_removes_the_sample_size_bias_of_the_frechet_distance():
+    rng = np.random.default_rng(13)
+    reference, many, few = rng.normal(size=(2000, 8)), rng.normal(size=(2000, 8)), rng.normal(size=(40, 8))
+    shifted = rng.normal(0.5, 1.0, size=(2000, 8))
+    raw_many, raw_few = syn.frechet_distance(reference, many), syn.frechet_distance(reference, few)
+    assert raw_few > 10 * raw_many   # the same distribution looks far worse at n = 40
+    rows = syn.equal_n(syn.frechet_distance, reference, {"many": many, "few": few, "shifted": shifted}, n=40,
+                       repeats=30, seed=0)
+    # At one n the two samples of the reference distribution agree within their subsampling spread, and a
+    # set from a shifted distribution (true distance 8 · 0.5² = 2) stands out beyond it.
+    assert abs(rows["many"].mean - rows["few"].mean) < max(rows["many"].sd, rows["few"].sd)
+    assert rows["shifted"].mean > rows["many"].mean + 2 * rows["many"].sd
+    kid_rows = syn.equal_n(lambda a, b: syn.kid(a, b, n_subsets=1).value, reference, {"many": many, "few": few},
+                           n=40, repeats=30)
+    assert abs(kid_rows["few"].mean) < kid_rows["few"].sd and abs(kid_rows["many"].mean) < kid_rows["many"].sd
+
+
+def test_reference_rows_are_added_under_reserved_names():
+    rows = syn.with_reference_rows({"accepted": np.zeros((3, 2))}, np.ones((4, 2)), np.full((5, 2), 2.0))
+    assert list(rows) == ["accepted", syn.AS_GOOD_AS_REAL, syn.WRONG_CLASS]
+    assert rows[syn.WRONG_CLASS].shape == (5, 2)
+    with pytest.raises(ValueError, match="reserved"):
+        syn.with_reference_rows({syn.WRONG_CLASS: np.zeros((3, 2))}, np.ones((4, 2)), np.ones((4, 2)))
+
+
 # ---- precision / recall / density / coverage ------------------------------------------------------------
 def test_prdc_identical_sets():
     points = np.random.default_rng(3).normal(size=(300, 3))

@@ -214,3 +214,10 @@ def test_report_names_the_target_and_ordinals():
     thresholds = {"fidelity_probability": 0.5, "realism_knn": 0.1, "privacy_pixel": 0.2, "privacy_feature": 0.3,
                   "duplicate_correlation": 0.98}
     assert report_lib._threshold_text("label fidelity", thresholds, "Effusion") == "p(Effusion) ≥ 0.50"
+
+
+def test_quality_encoder_is_a_baseline_seed_the_filters_did_not_use():
+
+    assert probe.quality_encoder_seed(["10", "2", "7"]) == "7"   # the filters' probe takes seed "2"
+    assert probe.quality_encoder_seed([3, 1]) == 3
+    assert probe.quality_encoder_seed(["0"]) is None

@@ -3,14 +3,18 @@
 The protocol, and which data may enter where:
   1. distances of held-out real images (validation patients, never test) to their nearest training image
      set the threshold: `privacy_threshold(heldout_to_train_distances=...)`, e.g. its 1st percentile, a
-     distance that new real patients' images almost never get below;
+     distance that new real patients' images almost never get below (`calibration.class_matched_reference`
+     restricts both sides to the generated class; `calibration.near_copies` checks that it catches copies);
   2. a synthetic image nearer than that to some training image counts as memorised (`is_memorised`,
      `memorisation_rate`);
   3. membership inference: if training images lie closer to the synthetic set than held-out images do,
      an attacker holding a patient's image learns whether the patient was in the training set
-     (`membership_inference_auc`; 0.5 = no leakage, 1 = every member identifiable).
+     (`membership_inference_auc`; 0.5 = no leakage, 1 = every member identifiable; `membership` adds
+     patient-level uncertainty and a white-box attack on the DiT).
 Distances are feature-space (`nearest_neighbours`, cosine or Euclidean) or pixel-space
-(`pixel_nearest_neighbours`, 1 - Pearson correlation, which ignores brightness and contrast changes).
+(`pixel_nearest_neighbours`, 1 - Pearson correlation, which ignores brightness and contrast changes;
+`shift_tolerant_pixel_nearest_neighbours` also ignores small translations, which plain correlation does
+not: a training image moved by one pixel is already farther from its source than new patients are).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def nearest_neighbours(query_feats, reference_feats, metric: str = "cosine") -> 
     return np.maximum(distances[:, 0], 0.0), indices[:, 0]
 
 
-def _standardised_rows(images: np.ndarray) -> np.ndarray:
+def standardised_rows(images: np.ndarray) -> np.ndarray:
     """Flattened images with zero mean and unit norm, so a dot product is the Pearson correlation.
 
     A constant image has no defined correlation; it becomes all zeros (correlation 0, distance 1).
@@ -76,15 +80,53 @@ def pixel_nearest_neighbours(query_images, reference_images, chunk_size: int = 2
     best_corr = np.full(len(query), -np.inf)
     best_index = np.zeros(len(query), np.int64)
     for q in range(0, len(query), chunk_size):
-        q_rows = _standardised_rows(query[q:q + chunk_size])
+        q_rows = standardised_rows(query[q:q + chunk_size])
         for r in range(0, len(reference), chunk_size):
-            corr = q_rows @ _standardised_rows(reference[r:r + chunk_size]).T
+            corr = q_rows @ standardised_rows(reference[r:r + chunk_size]).T
             chunk_best = corr.argmax(axis=1)
             chunk_corr = corr[np.arange(len(corr)), chunk_best]
             better = chunk_corr > best_corr[q:q + chunk_size]
             best_corr[q:q + chunk_size][better] = chunk_corr[better]
             best_index[q:q + chunk_size][better] = r + chunk_best[better]
     return np.clip(1.0 - best_corr, 0.0, 2.0), best_index
+
+
+def _grayscale_stack(images, name: str) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise ValueError(f"{name} must be (N, H, W) or (N, H, W, 1) images, got shape {images.shape}")
+    return images
+
+
+def shift_tolerant_pixel_nearest_neighbours(query_images, reference_images, max_shift: int = 2,
+                                            chunk_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`pixel_nearest_neighbours` minimised over integer translations of the query of up to `max_shift` px.
+
+    Correlations are taken on the central (H - 2s) x (W - 2s) window of each reference image against the
+    query's window displaced by (dy, dx), |dy|, |dx| <= s, so no padding enters. Returns the distances,
+    the nearest reference indices and the (dy, dx) offsets (N, 2) that achieved them. Costs (2s + 1)²
+    plain searches.
+    """
+    query = _grayscale_stack(query_images, "query_images")
+    reference = _grayscale_stack(reference_images, "reference_images")
+    s = int(max_shift)
+    height, width = reference.shape[1:]
+    if s < 0 or min(height, width) <= 2 * s or query.shape[1:] != reference.shape[1:]:
+        raise ValueError(f"need images of one size larger than 2·max_shift={2 * s} px, got {query.shape} and "
+                         f"{reference.shape}")
+    centre = reference[:, s:height - s, s:width - s]
+    best = np.full(len(query), np.inf)
+    best_index = np.zeros(len(query), np.int64)
+    best_offset = np.zeros((len(query), 2), np.int64)
+    for dy in range(-s, s + 1):
+        for dx in range(-s, s + 1):
+            window = query[:, s + dy:height - s + dy, s + dx:width - s + dx]
+            distances, indices = pixel_nearest_neighbours(window, centre, chunk_size)
+            better = distances < best
+            best[better], best_index[better], best_offset[better] = distances[better], indices[better], (dy, dx)
+    return best, best_index, best_offset
 
 
 def privacy_threshold(*, heldout_to_train_distances, percentile: float = 1.0) -> float:

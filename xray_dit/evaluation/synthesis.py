@@ -1,6 +1,8 @@
-"""Synthesis quality: Fréchet distance, precision/recall/density/coverage, SSIM and MS-SSIM diversity.
+"""Synthesis quality: Fréchet distance, KID, precision/recall/density/coverage, SSIM and MS-SSIM diversity.
 
-Feature inputs are (N, D) arrays, e.g. the classifier's pooled features of real and synthetic images.
+Feature inputs are (N, D) arrays from any encoder; it should be one that no filter used, or the metrics
+measure the filters' own criterion. The Fréchet distance depends strongly on N, so sets are compared only
+at one N (`equal_n`), beside real-vs-real reference rows (`with_reference_rows`).
 Image inputs are grayscale (..., H, W) arrays (a trailing channel axis of size 1, as in NHWC, is
 accepted and dropped) with values in `value_range`: (0, 1) by default, pass (-1, 1) for images in the
 diffusion model's range; uint8 images are read as 0..255. Images are mapped to [0, 1] before SSIM, so
@@ -9,7 +11,7 @@ both conventions give the same numbers.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -66,7 +68,7 @@ def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b, eps: float = 1e-6) -> 
 def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D) (FID-style).
 
-    Biased upwards for small N; compare values only at equal sample sizes.
+    Biased upwards for small N; compare values only at equal sample sizes (`equal_n`).
     """
     feats_a, feats_b = _features(feats_a, "feats_a"), _features(feats_b, "feats_b")
     if feats_a.shape[1] != feats_b.shape[1]:
@@ -75,6 +77,100 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
         raise ValueError("each feature set needs at least 2 samples to estimate a covariance")
     return frechet_distance_from_stats(feats_a.mean(0), np.cov(feats_a, rowvar=False),
                                        feats_b.mean(0), np.cov(feats_b, rowvar=False), eps)
+
+
+# ---- KID ---------------------------------------------------------------------------------------------------
+class KID(NamedTuple):
+    value: float           # mean over subsets of the unbiased MMD²; 0 in expectation for one distribution
+    sd: float              # spread of the subset values
+    standard_error: float  # sd / √n_subsets; subsets drawn from one pool overlap, so a lower bound then
+    subset_size: int
+    n_subsets: int
+
+
+def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """k(x, y) = (x·y / D + 1)³, the kernel of KID (Bińkowski et al. 2018)."""
+    return (a @ b.T / a.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD² (U-statistic): within-set kernel means over pairs i ≠ j, minus twice the cross mean."""
+    m, n = len(a), len(b)
+    k_aa, k_bb = polynomial_kernel(a, a), polynomial_kernel(b, b)
+    within_a = (k_aa.sum() - np.trace(k_aa)) / (m * (m - 1))
+    within_b = (k_bb.sum() - np.trace(k_bb)) / (n * (n - 1))
+    return float(within_a + within_b - 2.0 * polynomial_kernel(a, b).mean())
+
+
+def kid(feats_a, feats_b, subset_size: int = 1000, n_subsets: int = 100, seed: int = 0) -> KID:
+    """Kernel Inception Distance between two feature sets: unbiased MMD² with the cubic polynomial kernel,
+    averaged over `n_subsets` random subsets (without replacement) of each set.
+
+    `subset_size` is capped at the smaller set's size (the result says which size was used). Unlike the
+    Fréchet distance its expectation does not depend on N, but its spread does.
+    """
+    feats_a, feats_b = _features(feats_a, "feats_a"), _features(feats_b, "feats_b")
+    if feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError(f"feature dimensions differ: {feats_a.shape[1]} vs {feats_b.shape[1]}")
+    size = min(subset_size, len(feats_a), len(feats_b))
+    if size < 2 or n_subsets < 1:
+        raise ValueError(f"KID needs subsets of at least 2 samples and n_subsets >= 1, got {size} and {n_subsets}")
+    rng = np.random.default_rng(seed)
+    values = np.array([mmd2_unbiased(feats_a[rng.choice(len(feats_a), size, replace=False)],
+                                     feats_b[rng.choice(len(feats_b), size, replace=False)])
+                       for _ in range(n_subsets)])
+    sd = float(values.std(ddof=1)) if n_subsets > 1 else float("nan")
+    return KID(float(values.mean()), sd, sd / np.sqrt(n_subsets), size, n_subsets)
+
+
+# ---- comparisons at one sample size ----------------------------------------------------------------------
+class EqualN(NamedTuple):
+    mean: float
+    sd: float       # over repeats: the spread from which images were drawn, not a CI (a set of exactly n
+                    # samples is the same in every repeat; only the reference draw varies)
+    n: int
+    repeats: int
+
+
+AS_GOOD_AS_REAL = "real target class, other images (as good as real)"
+WRONG_CLASS = "real other classes (wrong class)"
+
+
+def equal_n(metric: Callable[[np.ndarray, np.ndarray], float], reference, sets: Mapping[str, np.ndarray],
+            n: int | None = None, repeats: int = 10, seed: int = 0) -> dict[str, EqualN]:
+    """`metric(reference_subset, set_subset)` for every set, each drawn at the same `n` (default: the
+    smallest size), repeated with seeded subsampling without replacement; mean ± sd over repeats.
+
+    Within a repeat all sets meet the same reference subset, so differences between rows are not blurred by
+    the reference draw. For KID pass e.g. `lambda a, b: kid(a, b, n_subsets=1).value`.
+    """
+    reference = _features(reference, "reference")
+    sets = {name: _features(x, name) for name, x in sets.items()}
+    sizes = {name: len(x) for name, x in sets.items()}
+    n = min([len(reference), *sizes.values()]) if n is None else int(n)
+    too_small = {name: size for name, size in {"reference": len(reference), **sizes}.items() if size < n}
+    if not sets or n < 2 or repeats < 1 or too_small:
+        raise ValueError(f"need sets of at least n={n} >= 2 samples and repeats >= 1; too small: {too_small}")
+    rng = np.random.default_rng(seed)
+    values = {name: [] for name in sets}
+    for _ in range(repeats):
+        reference_subset = reference[rng.choice(len(reference), n, replace=False)]
+        for name, x in sets.items():
+            values[name].append(float(metric(reference_subset, x[rng.choice(len(x), n, replace=False)])))
+    return {name: EqualN(float(np.mean(v)), float(np.std(v, ddof=1)) if repeats > 1 else float("nan"), n, repeats)
+            for name, v in values.items()}
+
+
+def with_reference_rows(synthetic_sets: Mapping[str, np.ndarray], real_target_other, real_other_classes
+                        ) -> dict[str, np.ndarray]:
+    """The synthetic sets plus two real rows that frame their numbers against a reference set of real
+    target-class images (e.g. the test split's): other real images of the target class (e.g. training
+    images: the value a perfect generator would get) and real images of the other classes (the value
+    of the wrong class altogether)."""
+    clash = {AS_GOOD_AS_REAL, WRONG_CLASS} & set(synthetic_sets)
+    if clash:
+        raise ValueError(f"synthetic set names {sorted(clash)} are reserved for the reference rows")
+    return {**synthetic_sets, AS_GOOD_AS_REAL: real_target_other, WRONG_CLASS: real_other_classes}
 
 
 # ---- precision / recall / density / coverage ------------------------------------------------------------

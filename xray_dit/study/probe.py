@@ -56,6 +56,18 @@ def synthetic_images(folder: str | epath.PathLike, label_names) -> ImageSet:
     return ImageSet(np.stack(images), source.labels, np.asarray(source.files), np.full(len(source), ""))
 
 
+def quality_encoder_seed(baseline_seeds):
+    """The baseline seed whose classifier should embed images for the quality metrics, or None.
+
+    `ClassifierProbe` (the filters' instrument) uses the lowest seed; measuring quality with the features
+    that chose the accepted images would grade the filters by their own criterion. The next seed's
+    classifier saw the same data but is another model. None when there is only one seed: then every
+    available feature space is the filters' own, and a report must say so.
+    """
+    ordered = sorted(baseline_seeds, key=int)
+    return ordered[1] if len(ordered) > 1 else None
+
+
 class ClassifierProbe:
     """The first baseline seed's selected classifier (from the study's `results`): probabilities and pooled
     features of any images."""

@@ -217,7 +217,6 @@ def test_report_names_the_target_and_ordinals():
 
 
 def test_quality_encoder_is_a_baseline_seed_the_filters_did_not_use():
-
     assert probe.quality_encoder_seed(["10", "2", "7"]) == "7"   # the filters' probe takes seed "2"
     assert probe.quality_encoder_seed([3, 1]) == 3
     assert probe.quality_encoder_seed(["0"]) is None

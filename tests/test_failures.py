@@ -37,8 +37,9 @@ from xray_dit import checkpoint, main, sharding
 from xray_dit.data import builders, phantom, pipeline
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.data.builders import chexpert, common, cxr_phantom, nih_chestxray14
+from xray_dit.models import factory
 from xray_dit.study import phases
-from xray_dit.train import loop, model_factory, sample
+from xray_dit.train import loop, sample
 
 # ---- Child processes -------------------------------------------------------------------------------
 
@@ -161,19 +162,19 @@ def dit_export(tmp_path_factory) -> str:
     """Untrained tiny VAE and DiT exports (random weights): the sample task's file handling is under test."""
     root = tmp_path_factory.mktemp("exports")
     config = _sample_config()
-    vae = model_factory.vae_from_config(config)
+    vae = factory.vae_from_config(config)
     size = config.data.image_size
     vae_params = _random_params(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)),
                                                  sample_posterior=False), seed=0)
-    checkpoint.save_export(root / "vae", vae_params, {"kind": "vae", "model": model_factory.model_fields(vae),
+    checkpoint.save_export(root / "vae", vae_params, {"kind": "vae", "model": factory.model_fields(vae),
                                                       "scaling_factor": 1.0})
     latent = size // vae.downsample_factor
-    dit = model_factory.dit_from_config(config, latent_size=latent, latent_channels=vae.latent_channels,
+    dit = factory.dit_from_config(config, latent_size=latent, latent_channels=vae.latent_channels,
                                         num_classes=0)
     dit_params = _random_params(lambda: dit.init(jax.random.PRNGKey(1), jnp.zeros((1, latent, latent, 4)),
                                                  jnp.zeros((1,), jnp.int32), None), seed=1)
     checkpoint.save_export(root / "dit", dit_params, {
-        "kind": "dit", "model": model_factory.model_fields(dit), "vae_dir": str(root / "vae"), "scaling_factor": 1.0,
+        "kind": "dit", "model": factory.model_fields(dit), "vae_dir": str(root / "vae"), "scaling_factor": 1.0,
         "noise_schedule": "linear", "diffusion_steps": 1000, "class_names": [], "target_class": "Cardiomegaly"})
     return str(root / "dit")
 
@@ -539,26 +540,26 @@ def test_inconsistent_sizes_stop_the_study_before_anything_runs(tmp_path, change
     config.data.image_size = change["image_size"]
     config.classifier.patch_size = change.get("patch_size", config.classifier.patch_size)
     with pytest.raises(ValueError) as direct:
-        model_factory.check_sizes(config)
+        factory.check_sizes(config)
     assert message in str(direct.value)
     workdir = tmp_path / "study"
     with pytest.raises(main.UsageError, match="the config's sizes do not fit together") as usage:
         main.run(config, str(workdir))
     assert message in str(usage.value) and not workdir.exists()
-    assert model_factory.check_sizes(quickstart.get_config()) is None
+    assert factory.check_sizes(quickstart.get_config()) is None
 
 
 def test_the_models_from_config_refuse_the_same_sizes():
     config = tiny_configs.tiny_config()
     config.data.image_size = 68
     with pytest.raises(ValueError, match="not divisible by the VAE's downsampling factor 8"):
-        model_factory.vae_from_config(config)
+        factory.vae_from_config(config)
     config.data.image_size = 72
     with pytest.raises(ValueError, match="latent size 9 .* multiple of 16"):
-        model_factory.dit_from_config(config, latent_size=9, latent_channels=4, num_classes=0)
+        factory.dit_from_config(config, latent_size=9, latent_channels=4, num_classes=0)
     config.data.image_size = 60
     with pytest.raises(ValueError, match="classifier's patch size 8"):
-        model_factory.classifier_from_config(config, num_classes=3)
+        factory.classifier_from_config(config, num_classes=3)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from tests.conftest import REPO_ROOT
 from xray_dit import checkpoint, sharding
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import factory
 from xray_dit.models import vae as vae_lib
 from xray_dit.tools import import_weights
-from xray_dit.train import model_factory
 
 
 def _random_like(abstract, seed=0):
@@ -49,11 +49,11 @@ def test_full_size_model_round_trips_through_pytorch_names(tmp_path, kind, model
     assert result.returncode == 0, result.stderr[-2000:]
     info = checkpoint.load_export_info(tmp_path / "export")
     assert info["kind"] == kind
-    rebuilt = model_factory.model_from_info(info)
+    rebuilt = factory.model_from_info(info)
     loaded, _ = checkpoint.load_export(tmp_path / "export", params)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    assert model_factory.model_fields(rebuilt) == model_factory.model_fields(model)
+    assert factory.model_fields(rebuilt) == factory.model_fields(model)
     if kind == "vae":
         assert info["scaling_factor"] == pytest.approx(0.18215)
 

@@ -112,13 +112,13 @@ def test_task_configs_set_their_task_keep_the_base_keys_and_name_bad_variants(na
                                                    ("cpu", "bfloat16", "xla")])
 def test_auto_attention_is_cudnn_only_where_it_runs(backend, dtype, want, monkeypatch):
     from configs import base
-    from xray_dit.train import model_factory
+    from xray_dit.models import factory
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     config = base.get_config()
     config.compute_dtype = dtype
-    assert config.attention_impl == "auto" and model_factory.attention_impl(config) == want
+    assert config.attention_impl == "auto" and factory.attention_impl(config) == want
     config.attention_impl = "xla"
-    assert model_factory.attention_impl(config) == "xla"
+    assert factory.attention_impl(config) == "xla"
 
 
 # --------------------------------------------------------------------------------------------------

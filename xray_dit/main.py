@@ -133,9 +133,9 @@ def run(config, workdir: str):
         raise UsageError(f"unknown task {config.task!r}; choose one of: {', '.join(TASKS)}")
     _use_compilation_cache(config.compilation_cache_dir)
     if config.task == "study":
-        from xray_dit.train import model_factory
+        from xray_dit.models import factory
         try:
-            model_factory.check_sizes(config)
+            factory.check_sizes(config)
         except ValueError as e:
             raise UsageError(f"the config's sizes do not fit together: {e}") from e
     path = _prepare_workdir(workdir)

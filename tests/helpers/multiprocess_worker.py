@@ -73,8 +73,9 @@ def latent_data(global_batch: int, *, seed: int, as_process_count: int | None = 
 
 def tiny_dit_task(config, data):
     from xray_dit.diffusion import schedules
-    from xray_dit.train import dit, loop, model_factory
-    model = model_factory.dit_from_config(config, latent_size=LATENT_SIZE, latent_channels=LATENT_CHANNELS,
+    from xray_dit.models import factory
+    from xray_dit.train import dit, loop
+    model = factory.dit_from_config(config, latent_size=LATENT_SIZE, latent_channels=LATENT_CHANNELS,
                                           num_classes=0)
     schedule = schedules.make_schedule(config.dit.noise_schedule, config.dit.diffusion_steps)
     example = jnp.zeros((1, LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS))

@@ -13,8 +13,9 @@ from PIL import Image
 from xray_dit import checkpoint, sharding
 from xray_dit.data import pipeline
 from xray_dit.data import synthetic as synthetic_lib
+from xray_dit.models import factory
 from xray_dit.study.phases import StudyContext
-from xray_dit.train import common, model_factory
+from xray_dit.train import common
 
 
 @dataclasses.dataclass
@@ -64,7 +65,7 @@ class ClassifierProbe:
         first = baseline[sorted(baseline, key=int)[0]]
         export = epath.Path(first["workdir"]) / "best"
         info = checkpoint.load_export_info(export)
-        self.model = model_factory.model_from_info(info)
+        self.model = factory.model_from_info(info)
         size = self.model.img_size if isinstance(self.model.img_size, int) else self.model.img_size[0]
         abstract = sharding.unbox(jax.eval_shape(
             lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))))["params"]

@@ -24,9 +24,9 @@ from absl import app, flags, logging
 from xray_dit import checkpoint
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import factory
 from xray_dit.models import vae as vae_lib
 from xray_dit.models import weights
-from xray_dit.train import model_factory
 
 _KIND = flags.DEFINE_enum("kind", None, ["dit", "vae", "eva02"], "Which model the weights are for.")
 _SRC = flags.DEFINE_string("src", None, "The state dict: .safetensors or .npz, PyTorch names.")
@@ -63,7 +63,7 @@ def import_weights(kind: str, src: str, out: str, *, model_name: str | None = No
         params = vae_lib.from_diffusers_state_dict(state_dict, model, source=src)["params"]
     else:
         params = eva02_lib.from_timm_state_dict(state_dict, model, source=src)
-    info = {"kind": kind, "model": model_factory.model_fields(model), "source": str(src), "name": model_name}
+    info = {"kind": kind, "model": factory.model_fields(model), "source": str(src), "name": model_name}
     if kind == "vae":
         info["scaling_factor"] = float(model.scaling_factor)
     checkpoint.save_export(out, jax.tree.map(jax.numpy.asarray, params), info)

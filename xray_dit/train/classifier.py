@@ -27,7 +27,8 @@ from xray_dit import checkpoint, sharding
 from xray_dit.data import pipeline
 from xray_dit.evaluation import classification, plots
 from xray_dit.models import eva02 as eva02_lib
-from xray_dit.train import common, loop, model_factory
+from xray_dit.models import factory
+from xray_dit.train import common, loop
 
 MAX_POS_WEIGHT = 50.0
 
@@ -93,7 +94,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
     directory = common.ensure_prepared(config, workdir)
     class_names = tuple(config.data.labels)
-    model = model_factory.classifier_from_config(config, num_classes=len(class_names))
+    model = factory.classifier_from_config(config, num_classes=len(class_names))
     size = int(config.data.image_size)
 
     train_table = pipeline.metadata_table(config.data, "train", data_dir=directory)
@@ -151,7 +152,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
                             "defined, the latest parameters are kept as the best", cfg.select_metric)
         improves = np.isfinite(value) and (best is None or not np.isfinite(best["value"]) or value > best["value"])
         if improves or (best is None or not np.isfinite(best["value"])):
-            checkpoint.save_export(best_dir, params, {"kind": "eva02", "model": model_factory.model_fields(model),
+            checkpoint.save_export(best_dir, params, {"kind": "eva02", "model": factory.model_fields(model),
                                                       "class_names": list(class_names), "step": step})
             best_validation.clear()
             best_validation[step] = out

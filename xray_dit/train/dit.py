@@ -23,7 +23,8 @@ from etils import epath
 from xray_dit import checkpoint, metric_writer, sharding
 from xray_dit.data import pipeline
 from xray_dit.diffusion import losses, samplers, schedules
-from xray_dit.train import common, loop, model_factory
+from xray_dit.models import factory
+from xray_dit.train import common, loop
 
 CACHE_FILE = "latents.array_record"
 CACHE_INFO = "latents.json"
@@ -47,8 +48,8 @@ def restore_target(boxed_abstract: Any, mesh, config: ml_collections.ConfigDict)
 def load_vae(vae_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
     """(model, params on `mesh`, scaling_factor) of a VAE export, computing in the configured dtype."""
     info = checkpoint.load_export_info(vae_dir)
-    model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
-                                          attention_impl="xla")  # see model_factory.vae_from_config
+    model = factory.model_from_info(info, dtype=factory.dtype_from_name(config.compute_dtype),
+                                          attention_impl="xla")  # see factory.vae_from_config
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, model.downsample_factor, model.downsample_factor, model.in_channels)),
         sample_posterior=False))["params"]
@@ -218,7 +219,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
     cache_dir, cache = build_latent_cache(config, workdir, vae_dir, mesh=mesh, class_names=class_names,
                                           only_class=only_class)
     height, width, channels = cache["latent_shape"]
-    model = model_factory.dit_from_config(config, latent_size=height, latent_channels=channels,
+    model = factory.dit_from_config(config, latent_size=height, latent_channels=channels,
                                           num_classes=len(class_names))
     schedule = schedules.make_schedule(config.dit.noise_schedule, config.dit.diffusion_steps)
     scale = cache["scaling_factor"]
@@ -249,7 +250,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
         loss_fn=make_loss_fn(model, schedule, scale), train=train_cfg, data=data, evaluate=sample_grid)
     state = loop.train(config, workdir, task, mesh=mesh)
     params = state.get("ema_params", state["params"])
-    info = {"kind": "dit", "model": model_factory.model_fields(model), "vae_dir": str(vae_dir),
+    info = {"kind": "dit", "model": factory.model_fields(model), "vae_dir": str(vae_dir),
             "scaling_factor": scale, "noise_schedule": config.dit.noise_schedule,
             "diffusion_steps": int(config.dit.diffusion_steps), "class_names": list(class_names),
             "target_class": target, "trained_steps": int(state["step"]), "weights": "ema" if "ema_params" in state else "raw"}

@@ -24,8 +24,8 @@ from xray_dit import checkpoint, sharding
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.data.builders import common as builder_common
 from xray_dit.diffusion import schedules
+from xray_dit.models import factory
 from xray_dit.train import dit as dit_trainer
-from xray_dit.train import model_factory
 
 
 class OutOfSpaceError(OSError):
@@ -34,8 +34,8 @@ class OutOfSpaceError(OSError):
 
 def load_dit(dit_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
     info = checkpoint.load_export_info(dit_dir)
-    model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
-                                          attention_impl=model_factory.attention_impl(config))
+    model = factory.model_from_info(info, dtype=factory.dtype_from_name(config.compute_dtype),
+                                          attention_impl=factory.attention_impl(config))
     size, channels = model.input_size, model.in_channels
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32),

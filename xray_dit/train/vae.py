@@ -25,7 +25,8 @@ from xray_dit import checkpoint, metric_writer, sharding
 from xray_dit.data import pipeline
 from xray_dit.evaluation import synthesis
 from xray_dit.models import vae as vae_lib
-from xray_dit.train import common, loop, model_factory
+from xray_dit.models import factory
+from xray_dit.train import common, loop
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
     cfg = config.vae
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
     directory = common.ensure_prepared(config, workdir)
-    model = model_factory.vae_from_config(config)
+    model = factory.vae_from_config(config)
     size = int(config.data.image_size)
     use_gan = int(cfg.gan_start_step) >= 0
     disc = vae_lib.PatchDiscriminator(dtype=model.dtype) if use_gan else None
@@ -158,7 +159,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
     # The loop evaluated the final parameters already (also after a resume of a finished run).
     final = {k: v for k, v in latest_eval.items() if k != "step"}
     scale = latent_scaling_factor(model, state["params"], config, directory, mesh, batch_size=eval_bs)
-    info = {"kind": "vae", "model": model_factory.model_fields(model), "scaling_factor": scale,
+    info = {"kind": "vae", "model": factory.model_fields(model), "scaling_factor": scale,
             "trained_steps": int(state["step"]), "init_from": cfg.init_from, "eval": final}
     checkpoint.save_export(common.export_dir(workdir), state["params"]["vae"], info)
     if jax.process_index() == 0:

@@ -25,6 +25,7 @@ from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.diffusion import schedules
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import factory
 from xray_dit.models import vae as vae_lib
 from xray_dit.train import classifier, common, dit, sample, vae
 
@@ -112,7 +113,6 @@ def test_task_configs_set_their_task_keep_the_base_keys_and_name_bad_variants(na
                                                    ("cpu", "bfloat16", "xla")])
 def test_auto_attention_is_cudnn_only_where_it_runs(backend, dtype, want, monkeypatch):
     from configs import base
-    from xray_dit.models import factory
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     config = base.get_config()
     config.compute_dtype = dtype
@@ -168,7 +168,7 @@ def test_layer_decay_multipliers_by_layer():
 
     # On the real model: one multiplier per parameter, the same tree the optimiser scales.
     model = eva02_lib.make_eva02("tiny", img_size=16, num_classes=2, patch_size=8)
-    abstract = sharding.unbox(eva02_lib.abstract_params(model))
+    abstract = sharding.unbox(factory.abstract_params(model))
     multipliers = classifier.layer_decay_multipliers(abstract, model.depth, 0.75)
     assert jax.tree.structure(multipliers) == jax.tree.structure(abstract)
     assert sorted(set(jax.tree.leaves(multipliers))) == [0.75 ** k for k in range(model.depth + 1, -1, -1)]
@@ -205,7 +205,7 @@ def test_classifier_overfits_a_fixed_batch():
     images = jnp.asarray(_phantom_batch(8, 32))
     labels = jnp.asarray(np.random.default_rng(0).integers(0, 2, (8, 3)), jnp.float32)
     mask = jnp.ones_like(labels).at[0, 0].set(0.0)
-    params = sharding.unbox(model.init(jax.random.PRNGKey(0), images[:1]))["params"]
+    params = sharding.unbox(factory.init_params(model, jax.random.PRNGKey(0)))
     key = jax.random.PRNGKey(1)
 
     def loss(params):
@@ -222,8 +222,7 @@ def test_vae_overfits_a_fixed_batch():
     config = tiny_configs.tiny_config()
     loss_fn = vae.make_loss_fn(model, None, config.vae)
     batch = {"image": jnp.asarray(_phantom_batch(4, 32))}
-    params = {"vae": sharding.unbox(model.init(jax.random.PRNGKey(0), batch["image"][:1],
-                                               sample_posterior=False))["params"]}
+    params = {"vae": sharding.unbox(factory.init_params(model, jax.random.PRNGKey(0)))}
     key = jax.random.PRNGKey(1)
     first, last = _fit(lambda p: loss_fn(p, batch, key, jnp.asarray(0))[0], params, steps=40, lr=2e-3)
     assert last < 0.3 * first, (first, last)
@@ -237,7 +236,7 @@ def test_dit_overfits_a_fixed_batch():
     rng = np.random.default_rng(0)
     batch = {"mean": jnp.asarray(rng.normal(size=(4, 8, 8, 4)), jnp.float32),
              "std": jnp.full((4, 8, 8, 4), 0.05, jnp.float32), "label": jnp.zeros((4,), jnp.int32)}
-    params = sharding.unbox(dit_lib.init_params(model, jax.random.PRNGKey(0)))["params"]
+    params = sharding.unbox(factory.init_params(model, jax.random.PRNGKey(0)))
     key = jax.random.PRNGKey(1)  # the same t, noise and posterior sample every step: one fixed objective
     first, last = _fit(lambda p: loss_fn(p, batch, key, jnp.asarray(0))[0], params, steps=40, lr=1e-3)
     assert last < 0.2 * first, (first, last)
@@ -250,8 +249,7 @@ def test_vae_gan_term_is_off_before_gan_start_step_and_on_after():
     cfg = tiny_configs.tiny_config().vae
     cfg.gan_start_step = 5
     batch = {"image": jnp.asarray(_phantom_batch(2, 32))}
-    params = {"vae": sharding.unbox(model.init(jax.random.PRNGKey(0), batch["image"][:1],
-                                               sample_posterior=False))["params"],
+    params = {"vae": sharding.unbox(factory.init_params(model, jax.random.PRNGKey(0))),
               "disc": sharding.unbox(disc.init(jax.random.PRNGKey(1), batch["image"][:1]))["params"]}
     key = jax.random.PRNGKey(2)
     loss_and_grads = jax.jit(jax.value_and_grad(vae.make_loss_fn(model, disc, cfg), has_aux=True))

@@ -12,6 +12,7 @@ nothing else: no threshold, no model selection.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from typing import Any
 
@@ -95,7 +96,6 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     directory = common.ensure_prepared(config, workdir)
     class_names = tuple(config.data.labels)
     model = factory.classifier_from_config(config, num_classes=len(class_names))
-    size = int(config.data.image_size)
 
     train_table = pipeline.metadata_table(config.data, "train", data_dir=directory)
     columns = train_table.label_columns(class_names)
@@ -106,19 +106,16 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     elif cfg.pos_weight:
         raise ValueError(f"classifier.pos_weight must be '' or 'balanced', got {cfg.pos_weight!r}")
 
-    def init_params(rng):
-        return model.init(rng, jnp.zeros((1, size, size, 1)))["params"]
-
     def loss_fn(params, batch, rng, step):
         del step
         logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
         loss = bce_loss(logits, batch["labels"], batch["label_mask"], pos_weight)
         return loss, {"bce": loss}
 
-    abstract = sharding.unbox(jax.eval_shape(init_params, jax.random.PRNGKey(0)))
+    abstract = sharding.unbox(factory.abstract_params(model))
     initial = None
     if cfg.init_from:
-        initial, info = checkpoint.load_export(cfg.init_from, abstract, kind="eva02")
+        _, initial, info = factory.load_export(cfg.init_from, kind="eva02", model=model)
         logging.info("classifier: starting from %s (%s)", cfg.init_from, info.get("source", "?"))
     multipliers = layer_decay_multipliers(abstract, model.depth, cfg.layer_decay) if cfg.layer_decay < 1 else None
 
@@ -160,8 +157,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
                 best_info_path.write_text(json.dumps({"metric": cfg.select_metric, "value": value, "step": step}))
         return metrics
 
-    task = loop.TrainTask(name="classifier", init_params=init_params, loss_fn=loss_fn, train=train_cfg, data=data,
-                          evaluate=evaluate, initial_params=initial, lr_multipliers=multipliers)
+    task = loop.TrainTask(name="classifier", init_params=functools.partial(factory.init_params, model),
+                          loss_fn=loss_fn, train=train_cfg, data=data, evaluate=evaluate,
+                          initial_params=initial, lr_multipliers=multipliers)
     state = loop.train(config, workdir, task, mesh=mesh)
 
     # ---- Final evaluation with the best validation parameters ----------------------------------------

@@ -7,9 +7,9 @@ dataset, split, class filter, scaling factor) matches, and rebuilt otherwise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from typing import Any
 
 import flax.linen as nn
 import grain
@@ -21,7 +21,6 @@ from absl import logging
 from etils import epath
 
 from xray_dit import checkpoint, metric_writer, sharding
-from xray_dit.data import pipeline
 from xray_dit.diffusion import losses, samplers, schedules
 from xray_dit.models import factory
 from xray_dit.train import common, loop
@@ -33,27 +32,12 @@ CACHE_INFO = "latents.json"
 # --------------------------------------------------------------------------------------------------
 # The VAE and the latent cache
 # --------------------------------------------------------------------------------------------------
-def restore_target(boxed_abstract: Any, mesh, config: ml_collections.ConfigDict) -> Any:
-    """Shapes and dtypes of `jax.eval_shape(model.init)["params"]`, placed by their logical axes on `mesh`
-    (None: the config's mesh).
-
-    Without shardings Orbax restores onto the devices the export was saved from (device 0 of the run
-    that trained it), which a jitted call on another mesh refuses.
-    """
-    shardings = sharding.logical_to_shardings(boxed_abstract, mesh or sharding.make_mesh(config.mesh.shape))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        sharding.unbox(boxed_abstract), shardings)
-
-
 def load_vae(vae_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
-    """(model, params on `mesh`, scaling_factor) of a VAE export, computing in the configured dtype."""
-    info = checkpoint.load_export_info(vae_dir)
-    model = factory.model_from_info(info, dtype=factory.dtype_from_name(config.compute_dtype),
-                                          attention_impl="xla")  # see factory.vae_from_config
-    abstract = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, model.downsample_factor, model.downsample_factor, model.in_channels)),
-        sample_posterior=False))["params"]
-    params, info = checkpoint.load_export(vae_dir, restore_target(abstract, mesh, config), kind="vae")
+    """(model, params on `mesh` (None: the config's), scaling_factor) of a VAE export, computing in the
+    configured dtype."""
+    model, params, info = factory.load_export(
+        vae_dir, mesh or sharding.make_mesh(config.mesh.shape), kind="vae",
+        dtype=factory.dtype_from_name(config.compute_dtype), attention_impl="xla")  # see factory.vae_from_config
     return model, params, float(info.get("scaling_factor", model.scaling_factor))
 
 
@@ -245,8 +229,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
 
     task = loop.TrainTask(
         name="dit",
-        init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)), jnp.zeros((1,), jnp.int32),
-                                           jnp.zeros((1,), jnp.int32) if model.num_classes else None)["params"],
+        init_params=functools.partial(factory.init_params, model),
         loss_fn=make_loss_fn(model, schedule, scale), train=train_cfg, data=data, evaluate=sample_grid)
     state = loop.train(config, workdir, task, mesh=mesh)
     params = state.get("ema_params", state["params"])

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from xray_dit import checkpoint, sharding
+from xray_dit import sharding
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.data.builders import common as builder_common
 from xray_dit.diffusion import schedules
@@ -33,15 +33,10 @@ class OutOfSpaceError(OSError):
 
 
 def load_dit(dit_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
-    info = checkpoint.load_export_info(dit_dir)
-    model = factory.model_from_info(info, dtype=factory.dtype_from_name(config.compute_dtype),
-                                          attention_impl=factory.attention_impl(config))
-    size, channels = model.input_size, model.in_channels
-    abstract = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1,), jnp.int32) if model.num_classes else None))["params"]
-    params, info = checkpoint.load_export(dit_dir, dit_trainer.restore_target(abstract, mesh, config), kind="dit")
-    return model, params, info
+    """(model, params on `mesh` (None: the config's), info) of a DiT export, computing in the configured dtype."""
+    return factory.load_export(dit_dir, mesh or sharding.make_mesh(config.mesh.shape), kind="dit",
+                               dtype=factory.dtype_from_name(config.compute_dtype),
+                               attention_impl=factory.attention_impl(config))
 
 
 def _replace_atomically(path: epath.Path, write) -> None:

@@ -106,20 +106,18 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
     size = int(config.data.image_size)
     use_gan = int(cfg.gan_start_step) >= 0
     disc = vae_lib.PatchDiscriminator(dtype=model.dtype) if use_gan else None
-    example = jnp.zeros((1, size, size, 1))
 
     def init_params(rng):
         vae_rng, disc_rng = jax.random.split(rng)
-        params = {"vae": model.init(vae_rng, example, sample_posterior=False)["params"]}
+        params = {"vae": factory.init_params(model, vae_rng)}
         if disc is not None:
-            params["disc"] = disc.init(disc_rng, example)["params"]
+            params["disc"] = disc.init(disc_rng, jnp.zeros((1, size, size, 1)))["params"]
         return params
 
     initial = None
     if cfg.init_from:
-        abstract = sharding.unbox(jax.eval_shape(init_params, jax.random.PRNGKey(0)))
-        vae_params, info = checkpoint.load_export(cfg.init_from, abstract["vae"], kind="vae")
-        initial = dict(abstract, vae=vae_params)
+        _, vae_params, info = factory.load_export(cfg.init_from, kind="vae", model=model)
+        initial = {"vae": vae_params}
         if disc is not None:
             initial["disc"] = sharding.unbox(jax.jit(init_params)(jax.random.PRNGKey(1)))["disc"]
         logging.info("VAE: fine-tuning from %s (%s)", cfg.init_from, info.get("source", "?"))

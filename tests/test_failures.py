@@ -170,7 +170,7 @@ def dit_export(tmp_path_factory) -> str:
                                                       "scaling_factor": 1.0})
     latent = size // vae.downsample_factor
     dit = factory.dit_from_config(config, latent_size=latent, latent_channels=vae.latent_channels,
-                                        num_classes=0)
+                                  num_classes=0)
     dit_params = _random_params(lambda: dit.init(jax.random.PRNGKey(1), jnp.zeros((1, latent, latent, 4)),
                                                  jnp.zeros((1,), jnp.int32), None), seed=1)
     checkpoint.save_export(root / "dit", dit_params, {

@@ -204,7 +204,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
                                           only_class=only_class)
     height, width, channels = cache["latent_shape"]
     model = factory.dit_from_config(config, latent_size=height, latent_channels=channels,
-                                          num_classes=len(class_names))
+                                    num_classes=len(class_names))
     schedule = schedules.make_schedule(config.dit.noise_schedule, config.dit.diffusion_steps)
     scale = cache["scaling_factor"]
     train_cfg = config.dit.train

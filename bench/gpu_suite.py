@@ -175,10 +175,10 @@ def bench_dit(name: str, batch: int, latent: int, attention: str, remat: str, st
 
 
 def bench_sample(num_images: int, steps: int, latent: int, tiny: bool, attention: str, dtype) -> dict:
+    from xray_dit import generate
     from xray_dit.diffusion import schedules
     from xray_dit.models import dit as dit_lib
     from xray_dit.models import vae as vae_lib
-    from xray_dit.train import dit as dit_trainer
 
     model = dit_lib.make_dit("DiT-B/2" if not tiny else "DiT-S/2", input_size=latent, num_classes=1,
                              dtype=dtype, attention_impl=attention, **(TINY_DIT if tiny else {}))
@@ -186,8 +186,8 @@ def bench_sample(num_images: int, steps: int, latent: int, tiny: bool, attention
     dit_params = _fresh_params(model)
     size = latent * vae.downsample_factor
     vae_params = _fresh_params(vae, seed=1)
-    sampler = dit_trainer.make_sampler(model, vae, schedules.make_schedule(), sampler="ddim", num_steps=steps,
-                                       guidance_scale=4.0, scale=0.18215)
+    sampler = generate.make_sampler(model, vae, schedules.make_schedule(), sampler="ddim", num_steps=steps,
+                                    guidance_scale=4.0, scale=0.18215)
     noise = jax.random.normal(jax.random.PRNGKey(2), (num_images, latent, latent, 4))
     labels = jnp.zeros((num_images,), jnp.int32)
     fn = lambda dp, vp, n, y: sampler(dp, vp, n, y, jax.random.PRNGKey(3))  # noqa: E731

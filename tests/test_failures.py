@@ -33,13 +33,13 @@ from PIL import Image
 
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_configs, toy_task
-from xray_dit import checkpoint, main, sharding
+from xray_dit import checkpoint, generate, main, sharding
 from xray_dit.data import builders, phantom, pipeline
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.data.builders import chexpert, common, cxr_phantom, nih_chestxray14
 from xray_dit.models import factory
 from xray_dit.study import phases
-from xray_dit.train import loop, sample
+from xray_dit.train import loop
 
 # ---- Child processes -------------------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ def _child_checkpoint(workdir: str) -> None:
 def _child_sample(dit_dir: str, out: str) -> None:
     path_class, name, hook = _png_write_hook(PNG_WRITES_BEFORE_KILL, _kill_me)
     setattr(path_class, name, hook)
-    sample.generate(_sample_config(), epath.Path(out).parent, dit_dir=dit_dir, out_dir=out)
+    generate.sample(_sample_config(), epath.Path(out).parent, dit_dir=dit_dir, out_dir=out)
 
 
 def _child_main(argv):
@@ -150,9 +150,9 @@ def _sample_files() -> list[str]:
     return [f"Cardiomegaly_{i:06d}.png" for i in range(SAMPLE_COUNT)]
 
 
-def _random_params(init, seed: int):
-    """Small random weights of the shapes `init` would make, without compiling `init` (seconds per model here)."""
-    abstract = sharding.unbox(jax.eval_shape(init)["params"])
+def _random_params(model, seed: int):
+    """Small random weights of the model's shapes, without compiling its init (seconds per model here)."""
+    abstract = sharding.unbox(factory.abstract_params(model))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype), abstract)
 
@@ -164,15 +164,13 @@ def dit_export(tmp_path_factory) -> str:
     config = _sample_config()
     vae = factory.vae_from_config(config)
     size = config.data.image_size
-    vae_params = _random_params(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)),
-                                                 sample_posterior=False), seed=0)
+    vae_params = _random_params(vae, seed=0)
     checkpoint.save_export(root / "vae", vae_params, {"kind": "vae", "model": factory.model_fields(vae),
                                                       "scaling_factor": 1.0})
     latent = size // vae.downsample_factor
     dit = factory.dit_from_config(config, latent_size=latent, latent_channels=vae.latent_channels,
                                   num_classes=0)
-    dit_params = _random_params(lambda: dit.init(jax.random.PRNGKey(1), jnp.zeros((1, latent, latent, 4)),
-                                                 jnp.zeros((1,), jnp.int32), None), seed=1)
+    dit_params = _random_params(dit, seed=1)
     checkpoint.save_export(root / "dit", dit_params, {
         "kind": "dit", "model": factory.model_fields(dit), "vae_dir": str(root / "vae"), "scaling_factor": 1.0,
         "noise_schedule": "linear", "diffusion_steps": 1000, "class_names": [], "target_class": "Cardiomegaly"})
@@ -182,7 +180,7 @@ def dit_export(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def reference_samples(dit_export, tmp_path_factory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("reference") / "samples"
-    sample.generate(_sample_config(), out.parent, dit_dir=dit_export, out_dir=str(out))
+    generate.sample(_sample_config(), out.parent, dit_dir=dit_export, out_dir=str(out))
     return {f: (out / f).read_bytes() for f in _sample_files()}
 
 
@@ -208,7 +206,7 @@ def test_sigkill_in_the_middle_of_a_png_reruns_to_exactly_the_uninterrupted_samp
     assert len(list(out.glob("*.png"))) == PNG_WRITES_BEFORE_KILL and len(list(out.glob("*.partial"))) == 1
     assert len(synthetic_lib.SyntheticSource(out, ("Cardiomegaly",))) == SAMPLE_BATCH
 
-    rerun = sample.generate(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
+    rerun = generate.sample(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
     assert rerun["generated_now"] == SAMPLE_COUNT - SAMPLE_BATCH and rerun["num_images"] == SAMPLE_COUNT
     _assert_complete(out, reference_samples)
 
@@ -220,8 +218,8 @@ def test_full_disk_while_sampling_names_the_folder_and_a_rerun_completes(dit_exp
     def no_space():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(*_png_write_hook(after=SAMPLE_BATCH + 2, fail=no_space))
-    with pytest.raises(sample.OutOfSpaceError) as error:
-        sample.generate(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
+    with pytest.raises(generate.OutOfSpaceError) as error:
+        generate.sample(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
     message = str(error.value)
     assert error.value.errno == errno.ENOSPC
     assert f"no space left to write samples in {out}" in message and "Free space on that disk" in message
@@ -230,7 +228,7 @@ def test_full_disk_while_sampling_names_the_folder_and_a_rerun_completes(dit_exp
     assert _manifest_files(out) == _sample_files()[:SAMPLE_BATCH]
 
     monkeypatch.undo()   # space freed
-    rerun = sample.generate(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
+    rerun = generate.sample(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
     assert rerun["generated_now"] == SAMPLE_COUNT - SAMPLE_BATCH
     _assert_complete(out, reference_samples)
 
@@ -240,8 +238,8 @@ def test_other_write_errors_are_not_mistaken_for_a_full_disk(dit_export, tmp_pat
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     monkeypatch.setattr(*_png_write_hook(after=0, fail=read_only))
     with pytest.raises(PermissionError) as error:
-        sample.generate(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(tmp_path / "samples"))
-    assert not isinstance(error.value, sample.OutOfSpaceError)
+        generate.sample(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(tmp_path / "samples"))
+    assert not isinstance(error.value, generate.OutOfSpaceError)
 
 
 # ---- 3. Killed in the study's report phase --------------------------------------------------------------

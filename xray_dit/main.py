@@ -30,7 +30,7 @@ TASKS = {
     "train_classifier": ("xray_dit.train.classifier", "run", "issue #5"),
     "train_vae": ("xray_dit.train.vae", "run", "issue #5"),
     "train_dit": ("xray_dit.train.dit", "run", "issue #5"),
-    "sample": ("xray_dit.train.sample", "run", "issue #5"),
+    "sample": ("xray_dit.generate", "run", "issue #5"),
     "study": ("xray_dit.study.phases", "run", "issue #6"),
 }
 

@@ -79,7 +79,8 @@ def load_export(directory: str | epath.PathLike, mesh: jax.sharding.Mesh | None 
     restored as Orbax places them. `kind` refuses an export of another kind.
     """
     info = checkpoint.load_export_info(directory)
-    model = model or model_from_info(info, **overrides)
+    if model is None:
+        model = model_from_info(info, **overrides)
     abstract = abstract_params(model)
     target = sharding.unbox(abstract)
     if mesh is not None:

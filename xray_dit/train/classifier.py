@@ -206,11 +206,6 @@ def evaluate_on_test(config, workdir, predictions, params, class_names, director
     return results
 
 
-def features_fn(model):
-    """jit-able (params, images) → the classifier's pooled features (its feature space for the study)."""
-    return jax.jit(lambda params, images: model.apply({"params": params}, images, method=model.features))
-
-
 def run(config, workdir):
     return train_classifier(config, workdir)
 

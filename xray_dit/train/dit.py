@@ -20,8 +20,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from xray_dit import checkpoint, metric_writer, sharding
-from xray_dit.diffusion import losses, samplers, schedules
+from xray_dit import checkpoint, generate, metric_writer, sharding
+from xray_dit.diffusion import losses, schedules
 from xray_dit.models import factory
 from xray_dit.train import common, loop
 
@@ -30,17 +30,8 @@ CACHE_INFO = "latents.json"
 
 
 # --------------------------------------------------------------------------------------------------
-# The VAE and the latent cache
+# The latent cache
 # --------------------------------------------------------------------------------------------------
-def load_vae(vae_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
-    """(model, params on `mesh` (None: the config's), scaling_factor) of a VAE export, computing in the
-    configured dtype."""
-    model, params, info = factory.load_export(
-        vae_dir, mesh or sharding.make_mesh(config.mesh.shape), kind="vae",
-        dtype=factory.dtype_from_name(config.compute_dtype), attention_impl="xla")  # see factory.vae_from_config
-    return model, params, float(info.get("scaling_factor", model.scaling_factor))
-
-
 def _files_under(directory: epath.Path):
     for path in directory.iterdir():   # epath refuses `**` globs (slow on GCS); exports are a few files
         yield from _files_under(path) if path.is_dir() else (path,)
@@ -72,7 +63,7 @@ def build_latent_cache(config: ml_collections.ConfigDict, workdir: epath.Path, v
             return cache_dir, info
         logging.warning("latent cache in %s was made from other inputs; rebuilding it", cache_dir)
 
-    model, params, scale = load_vae(vae_dir, config, mesh=mesh)
+    model, params, scale = generate.load_vae(vae_dir, config, mesh=mesh)
     directory = common.ensure_prepared(config, workdir)
 
     @jax.jit
@@ -137,9 +128,10 @@ def latent_dataset(cache_dir: epath.Path, info: dict, *, batch_size: int, seed: 
 
 
 # --------------------------------------------------------------------------------------------------
-# Loss and sampling
+# Loss
 # --------------------------------------------------------------------------------------------------
 def make_loss_fn(model, schedule: schedules.Schedule, scale: float):
+    """The loop's loss: a fresh posterior sample of each cached latent, then `losses.training_losses`."""
     num_steps = schedule.num_steps
 
     def loss_fn(params, batch, rng, step):
@@ -149,40 +141,15 @@ def make_loss_fn(model, schedule: schedules.Schedule, scale: float):
         latents = nn.with_logical_constraint(latents, ("act_batch", "act_height", "act_width", "act_channels"))
         t = jax.random.randint(t_key, (latents.shape[0],), 0, num_steps)
         noise = jax.random.normal(noise_key, latents.shape)
-        x_t = losses.q_sample(schedule, latents, t, noise)
         y = batch["label"] if model.num_classes > 0 else None
-        out = model.apply({"params": params}, x_t, t, y, train=True, rngs={"label_dropout": drop_key})
-        terms = losses.hybrid_loss(schedule, out.astype(jnp.float32), latents, x_t, t, noise)
+
+        def model_fn(x_t, timesteps):
+            out = model.apply({"params": params}, x_t, timesteps, y, train=True, rngs={"label_dropout": drop_key})
+            return out.astype(jnp.float32)
+        terms = losses.training_losses(model_fn, schedule, latents, t, noise)
         return jnp.mean(terms.loss), {"mse": jnp.mean(terms.mse), "vb": jnp.mean(terms.vb)}
 
     return loss_fn
-
-
-def make_sampler(model, vae, schedule: schedules.Schedule, *, sampler: str, num_steps: int, eta: float = 0.0,
-                 guidance_scale: float = 1.0, scale: float):
-    """jit-able (dit_params, vae_params, noise, labels, key) → images in [-1, 1] (N, H, W, 1)."""
-    spaced = schedules.respace(schedule, num_steps if sampler == "ddpm" else f"ddim{num_steps}")
-    guided = guidance_scale != 1.0
-    if guided and model.num_classes == 0:
-        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional DiT; this one is "
-                         "unconditional (train with dit.class_conditional=True, or set guidance_scale=1)")
-
-    def generate(dit_params, vae_params, noise, labels, key):
-        def eps_fn(x, t, y):
-            return model.apply({"params": dit_params}, x, t, y).astype(jnp.float32)
-        y = labels if model.num_classes > 0 else None
-        kwargs = dict(y=y, guidance_scale=guidance_scale if guided else None,
-                      null_label=model.num_classes if guided else None)
-        if sampler == "ddim":
-            latents = samplers.sample_ddim(eps_fn, spaced, noise, key, eta=eta, **kwargs)
-        elif sampler == "ddpm":
-            latents = samplers.sample_ddpm(eps_fn, spaced, noise, key, **kwargs)
-        else:
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-        images = vae.apply({"params": vae_params}, latents / scale, method=vae.decode)
-        return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
-
-    return generate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,10 +176,10 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
     scale = cache["scaling_factor"]
     train_cfg = config.dit.train
     data = iter(latent_dataset(cache_dir, cache, batch_size=int(train_cfg.batch_size), seed=int(config.seed)))
-    vae, vae_params, _ = load_vae(vae_dir, config, mesh=mesh)
-    grid_sampler = jax.jit(make_sampler(model, vae, schedule, sampler=config.sample.sampler,
-                                        num_steps=int(config.sample.num_steps), eta=float(config.sample.eta),
-                                        scale=scale))
+    vae, vae_params, _ = generate.load_vae(vae_dir, config, mesh=mesh)
+    grid_sampler = jax.jit(generate.make_sampler(
+        model, vae, schedule, sampler=config.sample.sampler, num_steps=int(config.sample.num_steps),
+        eta=float(config.sample.eta), scale=scale))
     grid_noise = jax.random.normal(jax.random.PRNGKey(1234), (16, height, width, channels))
     grid_labels = jnp.full((16,), class_names.index(target) if class_names else 0, jnp.int32)
 

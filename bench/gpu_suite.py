@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xray_dit import sharding
+from xray_dit.models import factory
 
 # bf16 dense peak used for MFU: measured 8192^3 bf16 matmul on the H200 / H100 (device notes).
 PEAK_TFLOPS = {"H200": 783.0, "H100": 790.0}
@@ -68,6 +69,11 @@ def _peak() -> float:
 def _peak_memory_gib() -> float:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def _fresh_params(model, seed: int = 0):
+    """The model's initial parameters (unboxed), computed in one compiled program."""
+    return sharding.unbox(jax.jit(lambda r: factory.init_params(model, r))(jax.random.PRNGKey(seed)))
 
 
 def dit_train_gflop_per_image(model) -> float:
@@ -146,11 +152,9 @@ def _dit_model(name: str, latent: int, attention: str, remat: str, dtype, tiny: 
 
 def bench_dit(name: str, batch: int, latent: int, attention: str, remat: str, steps: int, dtype,
               tiny: bool = False, profile_dir: str = "") -> dict:
-    from xray_dit.models import dit as dit_lib
-
     model = _dit_model(name, latent, attention, remat, dtype, tiny)
     _, tx, update = _dit_update(model)
-    params = sharding.unbox(jax.jit(lambda r: dit_lib.init_params(model, r))(jax.random.PRNGKey(0))["params"])
+    params = _fresh_params(model)
     state = {"params": params, "ema_params": jax.tree.map(jnp.copy, params), "opt_state": jax.jit(tx.init)(params),
              "step": jnp.asarray(0, jnp.int32), "rng": jax.random.PRNGKey(1)}
     rng = np.random.default_rng(0)
@@ -173,20 +177,19 @@ def bench_dit(name: str, batch: int, latent: int, attention: str, remat: str, st
 
 
 def bench_sample(num_images: int, steps: int, latent: int, tiny: bool, attention: str, dtype) -> dict:
+    from xray_dit import generate
     from xray_dit.diffusion import schedules
     from xray_dit.models import dit as dit_lib
     from xray_dit.models import vae as vae_lib
-    from xray_dit.train import dit as dit_trainer
 
     model = dit_lib.make_dit("DiT-B/2" if not tiny else "DiT-S/2", input_size=latent, num_classes=1,
                              dtype=dtype, attention_impl=attention, **(TINY_DIT if tiny else {}))
     vae = vae_lib.make_vae("sd-vae-gray" if not tiny else TINY_VAE, dtype=dtype, attention_impl="xla")
-    dit_params = sharding.unbox(jax.jit(lambda r: dit_lib.init_params(model, r))(jax.random.PRNGKey(0)))["params"]
+    dit_params = _fresh_params(model)
     size = latent * vae.downsample_factor
-    vae_params = sharding.unbox(jax.jit(lambda r: vae.init(r, jnp.zeros((1, size, size, 1)), sample_posterior=False))(
-        jax.random.PRNGKey(1)))["params"]
-    sampler = dit_trainer.make_sampler(model, vae, schedules.make_schedule(), sampler="ddim", num_steps=steps,
-                                       guidance_scale=4.0, scale=0.18215)
+    vae_params = _fresh_params(vae, seed=1)
+    sampler = generate.make_sampler(model, vae, schedules.make_schedule(), sampler="ddim", num_steps=steps,
+                                    guidance_scale=4.0, scale=0.18215)
     noise = jax.random.normal(jax.random.PRNGKey(2), (num_images, latent, latent, 4))
     labels = jnp.zeros((num_images,), jnp.int32)
     fn = lambda dp, vp, n, y: sampler(dp, vp, n, y, jax.random.PRNGKey(3))  # noqa: E731
@@ -207,8 +210,7 @@ def bench_sample(num_images: int, steps: int, latent: int, tiny: bool, attention
 def bench_vae_encode(batch: int, size: int, tiny: bool, dtype) -> dict:
     from xray_dit.models import vae as vae_lib
     vae = vae_lib.make_vae("sd-vae-gray" if not tiny else TINY_VAE, dtype=dtype, attention_impl="xla")
-    params = sharding.unbox(jax.jit(lambda r: vae.init(r, jnp.zeros((1, size, size, 1)), sample_posterior=False))(
-        jax.random.PRNGKey(0)))["params"]
+    params = _fresh_params(vae)
     x = jax.random.uniform(jax.random.PRNGKey(1), (batch, size, size, 1), minval=-1, maxval=1)
     _, seconds, _ = _time(lambda p, x: vae.apply({"params": p}, x, method=vae.encode), params, x, steps=5)
     latent_bytes = 2 * 4 * (size // vae.downsample_factor) ** 2 * 4 + 4  # mean + std float32 + label
@@ -228,7 +230,7 @@ def bench_eva(size: int, batch: int, steps: int, tiny: bool, attention: str, dty
     from xray_dit.train import classifier, loop
     model = _eva_model(size, tiny, attention, dtype)
     patch = model.patch_size
-    params = sharding.unbox(jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 1))))(jax.random.PRNGKey(0)))["params"]
+    params = _fresh_params(model)
     train = base.get_config().classifier.train
 
     def loss_fn(p, b, rng, step):
@@ -261,7 +263,6 @@ def bench_loop(name: str, batch: int, latent: int, attention: str, dtype, tiny: 
     import shutil
     from array_record.python.array_record_module import ArrayRecordWriter
     from configs import base
-    from xray_dit.models import dit as dit_lib
     from xray_dit.train import dit as dit_trainer
     from xray_dit.train import loop
 
@@ -290,7 +291,7 @@ def bench_loop(name: str, batch: int, latent: int, attention: str, dtype, tiny: 
             return {}
         data = iter(dit_trainer.latent_dataset(root / "latents", {"latent_shape": list(shape)}, batch_size=batch,
                                                seed=0))
-        task = loop.TrainTask(name="dit", init_params=lambda r: dit_lib.init_params(model, r)["params"],
+        task = loop.TrainTask(name="dit", init_params=lambda r: factory.init_params(model, r),
                               loss_fn=loss_fn, train=config.dit.train, data=data, evaluate=read_clock)
         loop.train(config, root / f"run_prefetch_{prefetch}", task)
         return (clock[last] - clock[first]) / (last - first)

@@ -45,3 +45,43 @@ def artifacts_dir(request) -> pathlib.Path:
     path = REPO_ROOT / "test_artifacts" / request.node.name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# ---- Tiny trained models, made once per session: the trainer and generation tests share them ----------
+@pytest.fixture(scope="session")
+def phantom_data_dir(tmp_path_factory) -> pathlib.Path:
+    """The 300-image phantom, prepared into one data dir."""
+    from tests.helpers import tiny_configs
+    directory = tmp_path_factory.mktemp("tfds")
+    tiny_configs.prepare_phantom(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def trained_vae(tmp_path_factory, phantom_data_dir):
+    """(workdir, config, result). One device: the VAE's conv backward pass compiles several times slower
+    partitioned 8 ways on CPU; the classifier and DiT runs cover the 8-device paths of the same loop. The DiT
+    then reads an export saved from another mesh than its own, as when the VAE was trained elsewhere."""
+    import jax
+    from tests.helpers import tiny_configs
+    from xray_dit import sharding
+    from xray_dit.train import vae
+    workdir = tmp_path_factory.mktemp("vae")
+    config = tiny_configs.tiny_config(phantom_data_dir)
+    config.task = "train_vae"
+    result = vae.train_vae(config, workdir, mesh=sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    return workdir, config, result
+
+
+@pytest.fixture(scope="session")
+def trained_dit(tmp_path_factory, trained_vae):
+    """(workdir, config, result) of the tiny DiT on an FSDP mesh (1, 8, 1), loss logged at every step."""
+    from tests.helpers import tiny_configs
+    from xray_dit.train import dit
+    workdir = tmp_path_factory.mktemp("dit")
+    config = tiny_configs.tiny_config(trained_vae[1].data.data_dir)
+    config.task = "train_dit"
+    config.mesh.shape = (1, 8, 1)
+    config.dit.train.log_every = 1
+    result = dit.train_dit(config, workdir, vae_dir=str(trained_vae[0] / "export"))
+    return workdir, config, result

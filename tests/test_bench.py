@@ -9,7 +9,7 @@ import pytest
 
 from bench import gpu_suite
 from tests.conftest import REPO_ROOT
-from xray_dit.models import dit
+from xray_dit.models import dit, factory
 
 
 # Forward GFLOPs (multiply-adds, the paper's convention) of Peebles & Xie, Table 4, at 256 px (32x32 latents).
@@ -49,7 +49,7 @@ def test_every_full_size_row_traces_with_its_real_shapes():
     for name, _, remat, batch in gpu_suite.DIT_ROWS:
         model = gpu_suite._dit_model(name, 32, "xla", remat, jnp.bfloat16, tiny=False)
         _, tx, update = gpu_suite._dit_update(model)
-        params = jax.eval_shape(lambda m=model: sharding.unbox(dit.init_params(m, jax.random.PRNGKey(0))["params"]))
+        params = sharding.unbox(factory.abstract_params(model))
         state = {"params": params, "ema_params": params, "opt_state": jax.eval_shape(tx.init, params),
                  "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(1))}
         batch_data = {"mean": jax.ShapeDtypeStruct((batch, 32, 32, 4), jnp.float32),

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from xray_dit.diffusion import losses, samplers, schedules
-from xray_dit.models import dit
+from xray_dit.models import dit, factory
+from xray_dit.models.convert import dit_torch
 from xray_dit.models.weights import load_state_dict
 from tests.helpers.golden import assert_close, nhwc
 
@@ -30,7 +31,7 @@ def golden(golden_dir):
 def eps_fn(golden_dir):
     """The golden DiT as the model function `eps_fn(x, t, y)` the diffusion code calls."""
     model = dit.DiT(**GOLDEN_MODEL)
-    variables = dit.from_torch_state_dict(load_state_dict(golden_dir / "dit_tiny.npz"), model)
+    variables = {"params": dit_torch.from_state_dict(load_state_dict(golden_dir / "dit_tiny.npz"), model)}
     apply = jax.jit(model.apply)
 
     def fn(x, t, y):
@@ -241,10 +242,10 @@ SAMPLER_MODEL = dit.DiT(input_size=4, patch_size=2, hidden_size=32, depth=1, num
 def tiny_eps_fn():
     """A randomly weighted tiny DiT (a fresh one outputs zeros: adaLN-Zero)."""
     rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda v: (0.05 * rng.standard_normal(v.shape)).astype(np.float32),
-                             nn.meta.unbox(dit.abstract_params(SAMPLER_MODEL)))
+    params = jax.tree.map(lambda v: (0.05 * rng.standard_normal(v.shape)).astype(np.float32),
+                          nn.meta.unbox(factory.abstract_params(SAMPLER_MODEL)))
     apply = jax.jit(SAMPLER_MODEL.apply)
-    return lambda x, t, y: apply(variables, x, t, y)
+    return lambda x, t, y: apply({"params": params}, x, t, y)
 
 
 def test_one_step_samplers_return_the_x0_prediction(schedule, tiny_eps_fn):

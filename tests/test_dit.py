@@ -16,7 +16,8 @@ from safetensors.numpy import save_file
 from configs import base
 from xray_dit import sharding
 from xray_dit.diffusion import samplers
-from xray_dit.models import dit, layers
+from xray_dit.models import dit, factory, layers
+from xray_dit.models.convert import dit_torch
 from xray_dit.models.weights import WeightImportError, load_state_dict
 from tests.helpers.golden import assert_close, nhwc
 
@@ -26,6 +27,9 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, 
             class_dropout_prob=0.1, num_classes=3, learn_sigma=True)
 
 
+def abstract_variables(model):
+    """`{'params': ...}` shapes and dtypes, boxed with logical names, as `model.apply` takes them."""
+    return {"params": factory.abstract_params(model)}
 
 
 def randomized(variables, seed=0, scale=0.05):
@@ -57,7 +61,7 @@ def golden_variables(golden_dir, model, tmp_path_factory):
     """The golden weights read back from a .safetensors file (the real checkpoint path) and imported."""
     path = tmp_path_factory.mktemp("dit") / "DiT-tiny.safetensors"
     save_file(load_state_dict(golden_dir / "dit_tiny.npz"), str(path))
-    return dit.from_torch_state_dict(load_state_dict(path), model)
+    return {"params": dit_torch.from_state_dict(load_state_dict(path), model)}
 
 
 def test_golden_config_matches_json(golden_dir):
@@ -139,19 +143,19 @@ def test_released_dit_xl_checkpoint_names_map_completely(golden_dir, resolution)
     # Zero-stride zeros: the 675M-parameter map is checked without allocating it.
     state = {name: np.broadcast_to(np.float32(0), shape) for name, shape in spec["params"].items()}
     state["pos_embed"] = model.pos_embed()[None]
-    variables = dit.from_torch_state_dict(state, model)
+    variables = dit_torch.from_state_dict(state, model)
     count = sum(np.size(v) for v in jax.tree.leaves(variables))
     assert count + state["pos_embed"].size == spec["num_parameters"]
 
 
 def test_export_reproduces_the_checkpoint_and_round_trips_exactly(golden, model, golden_variables):
-    exported = dit.to_torch_state_dict(golden_variables, model)
+    exported = dit_torch.to_state_dict(golden_variables, model)
     checkpoint = {k[len("param/"):]: v for k, v in golden.items() if k.startswith("param/")}
     assert sorted(exported) == sorted(checkpoint)
     for name, value in checkpoint.items():
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
-    variables = randomized(dit.abstract_params(model), seed=3)
-    back = dit.from_torch_state_dict(dit.to_torch_state_dict(variables, model), model)
+    variables = randomized(abstract_variables(model), seed=3)
+    back = {"params": dit_torch.from_state_dict(dit_torch.to_state_dict(variables, model), model)}
     jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, variables))
 
 
@@ -165,19 +169,19 @@ def test_qkv_layout_follows_timm(golden, model, golden_variables):
 def test_importer_refuses_wrong_files_listing_the_names(golden, model):
     state = {k[len("param/"):]: v for k, v in golden.items() if k.startswith("param/")}
     with pytest.raises(WeightImportError, match=r"blocks\.9\.attn\.qkv\.weight"):
-        dit.from_torch_state_dict({**state, "blocks.9.attn.qkv.weight": np.zeros((192, 64), np.float32)}, model)
+        dit_torch.from_state_dict({**state, "blocks.9.attn.qkv.weight": np.zeros((192, 64), np.float32)}, model)
     missing = dict(state)
     del missing["blocks.1.mlp.fc2.bias"], missing["final_layer.linear.weight"]
     with pytest.raises(WeightImportError, match=r"blocks\.1\.mlp\.fc2\.bias.*final_layer\.linear\.weight"):
-        dit.from_torch_state_dict(missing, model)
+        dit_torch.from_state_dict(missing, model)
     with pytest.raises(WeightImportError, match=r"blocks_0/mlp/fc1/kernel.*\(64, 256\)"):
-        dit.from_torch_state_dict({**state, "blocks.0.mlp.fc1.weight": np.zeros((128, 64), np.float32)}, model)
+        dit_torch.from_state_dict({**state, "blocks.0.mlp.fc1.weight": np.zeros((128, 64), np.float32)}, model)
     with pytest.raises(WeightImportError, match="pos_embed differs"):
-        dit.from_torch_state_dict({**state, "pos_embed": np.zeros((1, 16, 64), np.float32)}, model)
+        dit_torch.from_state_dict({**state, "pos_embed": np.zeros((1, 16, 64), np.float32)}, model)
     with pytest.raises(WeightImportError, match=r"pos_embed has shape \(1, 64, 64\)"):
-        dit.from_torch_state_dict({**state, "pos_embed": np.zeros((1, 64, 64), np.float32)}, model)
+        dit_torch.from_state_dict({**state, "pos_embed": np.zeros((1, 64, 64), np.float32)}, model)
     with pytest.raises(WeightImportError, match="y_embedder.embedding_table.weight"):
-        dit.from_torch_state_dict(state, dit.DiT(**{**TINY, "num_classes": 0}))
+        dit_torch.from_state_dict(state, dit.DiT(**{**TINY, "num_classes": 0}))
 
 
 @pytest.mark.parametrize("size", sorted(dit.DIT_SIZES))
@@ -187,7 +191,7 @@ def test_every_size_and_patch_has_the_paper_shapes(size, patch):
     hidden, depth, heads = dit.DIT_SIZES[size]
     x = jax.ShapeDtypeStruct((2, 32, 32, 4), jnp.float32)
     t = y = jax.ShapeDtypeStruct((2,), jnp.int32)
-    params = nn.meta.unbox(dit.abstract_params(model))["params"]
+    params = nn.meta.unbox(abstract_variables(model))["params"]
     out = jax.eval_shape(lambda p, x, t, y: model.apply({"params": p}, x, t, y), params, x, t, y)
     assert out.shape == (2, 32, 32, 8)
     assert sum(1 for k in params if k.startswith("blocks_")) == depth
@@ -205,7 +209,7 @@ def test_make_dit_and_model_refuse_bad_configs_and_inputs(model, golden_variable
     with pytest.raises(ValueError, match="input_size 30 is not divisible by patch_size 4"):
         dit.make_dit("DiT-S/4", input_size=30)
     with pytest.raises(ValueError, match="cudnn"):
-        dit.abstract_params(dit.DiT(**{**TINY, "attention_impl": "cudnn"}))
+        abstract_variables(dit.DiT(**{**TINY, "attention_impl": "cudnn"}))
     x, t, y = np.zeros((2, 8, 8, 4), np.float32), np.array([1, 2]), np.array([0, 1])
     with pytest.raises(ValueError, match="NHWC"):
         model.apply(golden_variables, x.transpose(0, 3, 1, 2), t, y)
@@ -218,7 +222,7 @@ def test_make_dit_and_model_refuse_bad_configs_and_inputs(model, golden_variable
 
 
 def test_fresh_init_is_adaln_zero_with_xavier_elsewhere(model, apply):
-    variables = nn.meta.unbox(dit.init_params(model, jax.random.key(0)))
+    variables = nn.meta.unbox({"params": jax.jit(functools.partial(factory.init_params, model))(jax.random.key(0))})
     params = variables["params"]
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     out = apply(variables, x, jnp.array([5, 900]), jnp.array([0, 3]))
@@ -237,7 +241,7 @@ def test_fresh_init_is_adaln_zero_with_xavier_elsewhere(model, apply):
 
 def test_unconditional_model_has_no_label_table():
     model = dit.DiT(**{**TINY, "num_classes": 0})
-    variables = randomized(dit.abstract_params(model))
+    variables = randomized(abstract_variables(model))
     assert "y_embedder" not in variables["params"]
     out = jax.jit(model.apply)(variables, np.ones((1, 8, 8, 4), np.float32), np.array([10]))
     assert out.shape == (1, 8, 8, 8) and np.all(np.isfinite(out))
@@ -247,7 +251,7 @@ def test_unconditional_model_has_no_label_table():
 def test_label_dropout_uses_the_null_class_at_the_given_rate():
     model = dit.DiT(**{**TINY, "input_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2,
                        "class_dropout_prob": 0.3})
-    variables = randomized(dit.abstract_params(model), scale=0.3)
+    variables = randomized(abstract_variables(model), scale=0.3)
     n = 1000
     x = jnp.zeros((n, 4, 4, 4))
     t = jnp.full((n,), 7)
@@ -278,9 +282,9 @@ def test_bfloat16_compute_stays_close_to_float32(golden, golden_variables):
 def test_remat_keeps_parameters_and_gradients_but_recomputes(policy, unsharded_loss_and_grads):
     (x, t, y), _, (ref_loss, ref_grads) = unsharded_loss_and_grads
     remat_model = dit.DiT(**TINY, remat_policy=policy)
-    values = randomized(dit.abstract_params(SHARDING_MODEL), seed=2)
-    assert jax.tree.structure(dit.abstract_params(remat_model)) == jax.tree.structure(
-        dit.abstract_params(SHARDING_MODEL))   # same checkpoint layout
+    values = randomized(abstract_variables(SHARDING_MODEL), seed=2)
+    assert jax.tree.structure(abstract_variables(remat_model)) == jax.tree.structure(
+        abstract_variables(SHARDING_MODEL))   # same checkpoint layout
 
     def loss(variables):
         out = remat_model.apply(variables, x, t, y)
@@ -327,7 +331,7 @@ def unsharded_loss_and_grads():
     x = jax.random.normal(jax.random.key(1), (8, 8, 8, 4))
     t = jnp.arange(8) * 111
     y = jnp.arange(8) % 4
-    boxed = dit.abstract_params(SHARDING_MODEL)
+    boxed = abstract_variables(SHARDING_MODEL)
     values = randomized(boxed, seed=2)
     boxed = jax.tree.map(lambda box, v: box.replace_boxed(v), boxed, values,
                          is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))

@@ -14,7 +14,8 @@ from safetensors.numpy import save_file
 
 from configs import base
 from xray_dit import sharding
-from xray_dit.models import eva02
+from xray_dit.models import eva02, factory
+from xray_dit.models.convert import eva02_timm
 from xray_dit.models.weights import WeightImportError, load_state_dict
 from tests.helpers.golden import assert_close, nhwc
 
@@ -53,7 +54,7 @@ def random_params(model, seed=0, boxed=False):
         names = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
         return noise + 1.0 if names[-1] == "scale" else noise
 
-    params = jax.tree_util.tree_map_with_path(draw, eva02.abstract_params(model))
+    params = jax.tree_util.tree_map_with_path(draw, factory.abstract_params(model))
     return params if boxed else nn.meta.unbox(params)
 
 
@@ -72,7 +73,7 @@ def test_golden_parity_through_safetensors(golden_dir, tmp_path, name):
     path = tmp_path / "model.safetensors"
     save_file({k[len("param/"):]: golden[k] for k in golden.files if k.startswith("param/")}, str(path))
     model = golden_model(golden_dir, name)
-    params = eva02.from_timm_state_dict(load_state_dict(path), model)
+    params = eva02_timm.from_state_dict(load_state_dict(path), model)
     x = nhwc(golden["x"])
     with jax.default_matmul_precision("highest"):
         logits, state = apply(model, params, x, mutable=["intermediates"])
@@ -121,20 +122,20 @@ def test_timm_names_map_completely(golden_dir, caplog, size):
     state_dict = {k: np.zeros(shape, np.float32) for k, shape in spec["params"].items()}
     model = eva02.make_eva02(size, img_size=224, num_classes=4, in_channels=3)
     with caplog.at_level(logging.INFO):
-        params = eva02.from_timm_state_dict(state_dict, model, rng=jax.random.key(1))
+        params = eva02_timm.from_state_dict(state_dict, model, rng=jax.random.key(1))
     assert "freshly initialised" in caplog.text
     head = params["head"]["kernel"]
     assert head.shape == (model.embed_dim, 4) and np.any(head != 0)
     num_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
     assert num_params == spec["num_parameters"] + model.embed_dim * 4 + 4
-    exported = eva02.to_timm_state_dict(params, model)
+    exported = eva02_timm.to_state_dict(params, model)
     assert {k: list(v.shape) for k, v in exported.items() if not k.startswith("head.")} == spec["params"]
 
 
 def test_gray_model_takes_rgb_names(golden_dir):
     spec = json.loads((golden_dir / "eva02_names.json").read_text())["models"][TIMM_NAMES["Ti"]]
     state_dict = {k: np.ones(shape, np.float32) for k, shape in spec["params"].items()}
-    params = eva02.from_timm_state_dict(state_dict, eva02.make_eva02("Ti", num_classes=2))
+    params = eva02_timm.from_state_dict(state_dict, eva02.make_eva02("Ti", num_classes=2))
     np.testing.assert_array_equal(params["patch_embed"]["kernel"], np.full((14, 14, 1, 192), 3.0, np.float32))
 
 
@@ -142,7 +143,7 @@ def test_gray_model_takes_rgb_names(golden_dir):
 def test_round_trip_is_exact(golden_dir, name):
     state_dict = load_state_dict(golden_dir / f"{name}.npz")
     model = golden_model(golden_dir, name)
-    exported = eva02.to_timm_state_dict(eva02.from_timm_state_dict(state_dict, model), model)
+    exported = eva02_timm.to_state_dict(eva02_timm.from_state_dict(state_dict, model), model)
     assert exported.keys() == state_dict.keys()
     for key in state_dict:
         np.testing.assert_array_equal(exported[key], state_dict[key], err_msg=key)
@@ -152,7 +153,7 @@ def test_round_trip_is_exact(golden_dir, name):
 def test_params_round_trip_is_exact(qkv_fused):
     model = tiny_model(qkv_fused=qkv_fused, scale_mlp=not qkv_fused)
     params = random_params(model)
-    back = eva02.from_timm_state_dict(eva02.to_timm_state_dict({"params": params}, model), model)
+    back = eva02_timm.from_state_dict(eva02_timm.to_state_dict({"params": params}, model), model)
     flat, flat_back = (traverse_util.flatten_dict(p, sep="/") for p in (params, back))
     assert flat.keys() == flat_back.keys()
     for key in flat:
@@ -163,7 +164,7 @@ def test_wrong_files_are_refused_with_names(golden_dir):
     fused = load_state_dict(golden_dir / "eva02_tiny_fused.npz")
     unfused_model = golden_model(golden_dir, "eva02_tiny", depth=1)
     with pytest.raises(WeightImportError) as err:
-        eva02.from_timm_state_dict(fused, unfused_model)
+        eva02_timm.from_state_dict(fused, unfused_model)
     assert "blocks.0.attn.qkv.weight" in str(err.value) and "blocks.0.attn.q_proj.weight" in str(err.value)
     assert "blocks.0.mlp.fc1_g.weight" in str(err.value)
 
@@ -171,20 +172,20 @@ def test_wrong_files_are_refused_with_names(golden_dir):
     broken = dict(fused, **{"blocks.0.attn.proj.weight": np.zeros((64, 32), np.float32), "extra.weight": np.ones(3)})
     del broken["fc_norm.bias"]
     with pytest.raises(WeightImportError) as err:
-        eva02.from_timm_state_dict(broken, model)
+        eva02_timm.from_state_dict(broken, model)
     message = str(err.value)
     assert "shape mismatch at blocks_0/attn/proj/kernel" in message
     assert "extra.weight" in message and "fc_norm.bias" in message
 
     with pytest.raises(WeightImportError, match="final `norm`"):
-        eva02.from_timm_state_dict(dict(fused, **{"norm.weight": np.ones(64), "norm.bias": np.zeros(64)}), model)
+        eva02_timm.from_state_dict(dict(fused, **{"norm.weight": np.ones(64), "norm.bias": np.zeros(64)}), model)
 
 
 def test_head_of_other_class_count_is_replaced_with_warning(golden_dir):
     state_dict = load_state_dict(golden_dir / "eva02_tiny_fused.npz")
     model = golden_model(golden_dir, "eva02_tiny_fused", num_classes=5)
     with pytest.warns(UserWarning, match="head for 3 classes"):
-        params = eva02.from_timm_state_dict(state_dict, model)
+        params = eva02_timm.from_state_dict(state_dict, model)
     assert params["head"]["kernel"].shape == (64, 5)
     np.testing.assert_array_equal(params["fc_norm"]["scale"], state_dict["fc_norm.weight"])
 
@@ -196,13 +197,13 @@ def test_other_resolution_resamples_pos_embed(golden_dir):
     state_dict = load_state_dict(golden_dir / "eva02_tiny_fused.npz")
     # Same resolution, stated explicitly: the original weights and outputs, untouched.
     same = golden_model(golden_dir, "eva02_tiny_fused")
-    params = eva02.from_timm_state_dict(state_dict, same, img_size=56)
+    params = eva02_timm.from_state_dict(state_dict, same, img_size=56)
     np.testing.assert_array_equal(params["pos_embed"], state_dict["pos_embed"])
     with jax.default_matmul_precision("highest"):
         assert_close(apply(same, params, nhwc(golden["x"])), golden["logits"])
 
     bigger = golden_model(golden_dir, "eva02_tiny_fused", img_size=84)
-    params = eva02.from_timm_state_dict(state_dict, bigger)
+    params = eva02_timm.from_state_dict(state_dict, bigger)
     assert params["pos_embed"].shape == (1, 1 + 36, 64)
     np.testing.assert_array_equal(params["pos_embed"][:, 0], state_dict["pos_embed"][:, 0])
     # Each corner of the new grid is mostly the old corner (row-major order kept, not transposed).
@@ -217,12 +218,12 @@ def test_other_resolution_resamples_pos_embed(golden_dir):
 def test_resample_pos_embed_keeps_constants_and_needs_grid_for_rectangles():
     pos = np.concatenate([np.full((1, 1, 4), 7.0), np.broadcast_to(np.arange(4.0), (1, 6, 4))], axis=1)
     with pytest.raises(ValueError, match="not a square grid"):
-        eva02.resample_pos_embed(pos, (4, 6))
-    resized = eva02.resample_pos_embed(pos.astype(np.float32), (4, 6), old_grid=(2, 3))
+        eva02_timm.resample_pos_embed(pos, (4, 6))
+    resized = eva02_timm.resample_pos_embed(pos.astype(np.float32), (4, 6), old_grid=(2, 3))
     np.testing.assert_allclose(resized[0, 1:], np.broadcast_to(np.arange(4.0), (24, 4)), atol=1e-5)
     np.testing.assert_array_equal(resized[0, 0], np.full(4, 7.0))
     ramp = np.concatenate([np.zeros((1, 1, 1)), np.arange(8.0).reshape(1, 8, 1)], axis=1).astype(np.float32)
-    down = eva02.resample_pos_embed(ramp, (2, 2), old_grid=(2, 4))[0, 1:, 0]
+    down = eva02_timm.resample_pos_embed(ramp, (2, 2), old_grid=(2, 4))[0, 1:, 0]
     assert down[0] < down[1] and down[2] < down[3]  # columns were shrunk, in order
     np.testing.assert_allclose(down[2:] - down[:2], [4.0, 4.0], rtol=1e-5)  # rows (unchanged count) intact
 
@@ -231,8 +232,8 @@ def test_rgb_to_gray_adaptation_matches_rgb_model_on_gray_input(golden_dir):
     state_dict = load_state_dict(golden_dir / "eva02_tiny_fused.npz")
     rgb_model = golden_model(golden_dir, "eva02_tiny_fused")
     gray_model = golden_model(golden_dir, "eva02_tiny_fused", in_channels=1)
-    rgb_params = eva02.from_timm_state_dict(state_dict, rgb_model)
-    gray_params = eva02.from_timm_state_dict(state_dict, gray_model)
+    rgb_params = eva02_timm.from_state_dict(state_dict, rgb_model)
+    gray_params = eva02_timm.from_state_dict(state_dict, gray_model)
     assert gray_params["patch_embed"]["kernel"].shape == (14, 14, 1, 64)
     gray = np.asarray(jax.random.normal(jax.random.key(3), (2, 56, 56, 1)))
     with jax.default_matmul_precision("highest"):
@@ -274,7 +275,7 @@ def test_bad_configurations_and_inputs_are_explained():
 
 def test_every_weight_has_logical_axis_names():
     for fused in (True, False):
-        abstract = eva02.abstract_params(tiny_model(qkv_fused=fused, scale_mlp=not fused))
+        abstract = factory.abstract_params(tiny_model(qkv_fused=fused, scale_mlp=not fused))
         leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
         for leaf in leaves:
             assert isinstance(leaf, nn.LogicallyPartitioned), leaf

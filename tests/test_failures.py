@@ -33,12 +33,13 @@ from PIL import Image
 
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_configs, toy_task
-from xray_dit import checkpoint, main, sharding
+from xray_dit import checkpoint, generate, main, sharding
 from xray_dit.data import DataError, builders, phantom, pipeline
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.data.builders import chexpert, common, cxr_phantom, nih_chestxray14
+from xray_dit.models import factory
 from xray_dit.study import phases
-from xray_dit.train import loop, model_factory, sample
+from xray_dit.train import loop
 
 # ---- Child processes -------------------------------------------------------------------------------
 
@@ -91,7 +92,7 @@ def _child_checkpoint(workdir: str) -> None:
 def _child_sample(dit_dir: str, out: str) -> None:
     path_class, name, hook = _png_write_hook(PNG_WRITES_BEFORE_KILL, _kill_me)
     setattr(path_class, name, hook)
-    sample.generate(_sample_config(), epath.Path(out).parent, dit_dir=dit_dir, out_dir=out)
+    generate.sample(_sample_config(), epath.Path(out).parent, dit_dir=dit_dir, out_dir=out)
 
 
 def _child_main(argv):
@@ -149,9 +150,9 @@ def _sample_files() -> list[str]:
     return [f"Cardiomegaly_{i:06d}.png" for i in range(SAMPLE_COUNT)]
 
 
-def _random_params(init, seed: int):
-    """Small random weights of the shapes `init` would make, without compiling `init` (seconds per model here)."""
-    abstract = sharding.unbox(jax.eval_shape(init)["params"])
+def _random_params(model, seed: int):
+    """Small random weights of the model's shapes, without compiling its init (seconds per model here)."""
+    abstract = sharding.unbox(factory.abstract_params(model))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype), abstract)
 
@@ -161,19 +162,17 @@ def dit_export(tmp_path_factory) -> str:
     """Untrained tiny VAE and DiT exports (random weights): the sample task's file handling is under test."""
     root = tmp_path_factory.mktemp("exports")
     config = _sample_config()
-    vae = model_factory.vae_from_config(config)
+    vae = factory.vae_from_config(config)
     size = config.data.image_size
-    vae_params = _random_params(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)),
-                                                 sample_posterior=False), seed=0)
-    checkpoint.save_export(root / "vae", vae_params, {"kind": "vae", "model": model_factory.model_fields(vae),
+    vae_params = _random_params(vae, seed=0)
+    checkpoint.save_export(root / "vae", vae_params, {"kind": "vae", "model": factory.model_fields(vae),
                                                       "scaling_factor": 1.0})
     latent = size // vae.downsample_factor
-    dit = model_factory.dit_from_config(config, latent_size=latent, latent_channels=vae.latent_channels,
-                                        num_classes=0)
-    dit_params = _random_params(lambda: dit.init(jax.random.PRNGKey(1), jnp.zeros((1, latent, latent, 4)),
-                                                 jnp.zeros((1,), jnp.int32), None), seed=1)
+    dit = factory.dit_from_config(config, latent_size=latent, latent_channels=vae.latent_channels,
+                                  num_classes=0)
+    dit_params = _random_params(dit, seed=1)
     checkpoint.save_export(root / "dit", dit_params, {
-        "kind": "dit", "model": model_factory.model_fields(dit), "vae_dir": str(root / "vae"), "scaling_factor": 1.0,
+        "kind": "dit", "model": factory.model_fields(dit), "vae_dir": str(root / "vae"), "scaling_factor": 1.0,
         "noise_schedule": "linear", "diffusion_steps": 1000, "class_names": [], "target_class": "Cardiomegaly"})
     return str(root / "dit")
 
@@ -181,7 +180,7 @@ def dit_export(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def reference_samples(dit_export, tmp_path_factory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("reference") / "samples"
-    sample.generate(_sample_config(), out.parent, dit_dir=dit_export, out_dir=str(out))
+    generate.sample(_sample_config(), out.parent, dit_dir=dit_export, out_dir=str(out))
     return {f: (out / f).read_bytes() for f in _sample_files()}
 
 
@@ -207,7 +206,7 @@ def test_sigkill_in_the_middle_of_a_png_reruns_to_exactly_the_uninterrupted_samp
     assert len(list(out.glob("*.png"))) == PNG_WRITES_BEFORE_KILL and len(list(out.glob("*.partial"))) == 1
     assert len(synthetic_lib.SyntheticSource(out, ("Cardiomegaly",))) == SAMPLE_BATCH
 
-    rerun = sample.generate(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
+    rerun = generate.sample(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
     assert rerun["generated_now"] == SAMPLE_COUNT - SAMPLE_BATCH and rerun["num_images"] == SAMPLE_COUNT
     _assert_complete(out, reference_samples)
 
@@ -219,8 +218,8 @@ def test_full_disk_while_sampling_names_the_folder_and_a_rerun_completes(dit_exp
     def no_space():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(*_png_write_hook(after=SAMPLE_BATCH + 2, fail=no_space))
-    with pytest.raises(sample.OutOfSpaceError) as error:
-        sample.generate(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
+    with pytest.raises(generate.OutOfSpaceError) as error:
+        generate.sample(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
     message = str(error.value)
     assert error.value.errno == errno.ENOSPC
     assert f"no space left to write samples in {out}" in message and "Free space on that disk" in message
@@ -229,7 +228,7 @@ def test_full_disk_while_sampling_names_the_folder_and_a_rerun_completes(dit_exp
     assert _manifest_files(out) == _sample_files()[:SAMPLE_BATCH]
 
     monkeypatch.undo()   # space freed
-    rerun = sample.generate(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
+    rerun = generate.sample(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(out))
     assert rerun["generated_now"] == SAMPLE_COUNT - SAMPLE_BATCH
     _assert_complete(out, reference_samples)
 
@@ -239,8 +238,8 @@ def test_other_write_errors_are_not_mistaken_for_a_full_disk(dit_export, tmp_pat
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     monkeypatch.setattr(*_png_write_hook(after=0, fail=read_only))
     with pytest.raises(PermissionError) as error:
-        sample.generate(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(tmp_path / "samples"))
-    assert not isinstance(error.value, sample.OutOfSpaceError)
+        generate.sample(_sample_config(), tmp_path, dit_dir=dit_export, out_dir=str(tmp_path / "samples"))
+    assert not isinstance(error.value, generate.OutOfSpaceError)
 
 
 # ---- 3. Killed in the study's report phase --------------------------------------------------------------
@@ -539,26 +538,26 @@ def test_inconsistent_sizes_stop_the_study_before_anything_runs(tmp_path, change
     config.data.image_size = change["image_size"]
     config.classifier.patch_size = change.get("patch_size", config.classifier.patch_size)
     with pytest.raises(ValueError) as direct:
-        model_factory.check_sizes(config)
+        factory.check_sizes(config)
     assert message in str(direct.value)
     workdir = tmp_path / "study"
     with pytest.raises(main.UsageError, match="the config's sizes do not fit together") as usage:
         main.run(config, str(workdir))
     assert message in str(usage.value) and not workdir.exists()
-    assert model_factory.check_sizes(quickstart.get_config()) is None
+    assert factory.check_sizes(quickstart.get_config()) is None
 
 
 def test_the_models_from_config_refuse_the_same_sizes():
     config = tiny_configs.tiny_config()
     config.data.image_size = 68
     with pytest.raises(ValueError, match="not divisible by the VAE's downsampling factor 8"):
-        model_factory.vae_from_config(config)
+        factory.vae_from_config(config)
     config.data.image_size = 72
     with pytest.raises(ValueError, match="latent size 9 .* multiple of 16"):
-        model_factory.dit_from_config(config, latent_size=9, latent_channels=4, num_classes=0)
+        factory.dit_from_config(config, latent_size=9, latent_channels=4, num_classes=0)
     config.data.image_size = 60
     with pytest.raises(ValueError, match="classifier's patch size 8"):
-        model_factory.classifier_from_config(config, num_classes=3)
+        factory.classifier_from_config(config, num_classes=3)
 
 
 # ---- 5. Data and config mistakes reach the user as one line ---------------------------------------------------

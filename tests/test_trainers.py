@@ -1,12 +1,12 @@
-"""The trainers on tiny configs (CPU, 8 fake devices): artefacts, learning, sharding, sampling.
+"""The trainers on tiny configs (CPU, 8 fake devices): artefacts, learning, sharding.
 
-Expensive things happen once per session: the 300-image phantom is prepared into one data dir, the tiny
-VAE is trained once and the tiny DiT once (on an FSDP mesh); the DiT, cache and sample tests reuse them.
+Expensive things happen once per session (conftest): the 300-image phantom is prepared into one data dir,
+the tiny VAE is trained once and the tiny DiT once (on an FSDP mesh); the DiT and cache tests reuse them,
+as do the sample tests in test_generate.py.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -19,15 +19,15 @@ from PIL import Image
 
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_configs
-from xray_dit import checkpoint, sharding
+from xray_dit import checkpoint, generate, sharding
 from xray_dit.data import phantom, pipeline
-from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.diffusion import schedules
 from xray_dit.evaluation import classification
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import factory
 from xray_dit.models import vae as vae_lib
-from xray_dit.train import classifier, dit, eval_pass, sample, vae
+from xray_dit.train import classifier, dit, eval_pass, vae
 
 TINY_DIT_STEPS = 20
 FIRST_STEPS_COMPARED = 5
@@ -47,40 +47,6 @@ def _train_losses(workdir, name: str) -> dict[int, float]:
 
 def _one_device_mesh():
     return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-
-
-# --------------------------------------------------------------------------------------------------
-# Session fixtures: prepared data, one trained VAE, one trained DiT
-# --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tfds")
-    tiny_configs.prepare_phantom(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def trained_vae(tmp_path_factory, data_dir):
-    """(workdir, config, result). One device: the VAE's conv backward pass compiles several times slower
-    partitioned 8 ways on CPU; the classifier and DiT runs cover the 8-device paths of the same loop. The DiT
-    then reads an export saved from another mesh than its own, as when the VAE was trained elsewhere."""
-    workdir = tmp_path_factory.mktemp("vae")
-    config = tiny_configs.tiny_config(data_dir)
-    config.task = "train_vae"
-    result = vae.train_vae(config, workdir, mesh=_one_device_mesh())
-    return workdir, config, result
-
-
-@pytest.fixture(scope="session")
-def trained_dit(tmp_path_factory, trained_vae):
-    """(workdir, config, result) of the tiny DiT on an FSDP mesh (1, 8, 1), loss logged at every step."""
-    workdir = tmp_path_factory.mktemp("dit")
-    config = tiny_configs.tiny_config(trained_vae[1].data.data_dir)
-    config.task = "train_dit"
-    config.mesh.shape = (1, 8, 1)
-    config.dit.train.log_every = 1
-    result = dit.train_dit(config, workdir, vae_dir=str(trained_vae[0] / "export"))
-    return workdir, config, result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,13 +79,12 @@ def test_task_configs_set_their_task_keep_the_base_keys_and_name_bad_variants(na
                                                    ("cpu", "bfloat16", "xla")])
 def test_auto_attention_is_cudnn_only_where_it_runs(backend, dtype, want, monkeypatch):
     from configs import base
-    from xray_dit.train import model_factory
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     config = base.get_config()
     config.compute_dtype = dtype
-    assert config.attention_impl == "auto" and model_factory.attention_impl(config) == want
+    assert config.attention_impl == "auto" and factory.attention_impl(config) == want
     config.attention_impl = "xla"
-    assert model_factory.attention_impl(config) == "xla"
+    assert factory.attention_impl(config) == "xla"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +134,7 @@ def test_layer_decay_multipliers_by_layer():
 
     # On the real model: one multiplier per parameter, the same tree the optimiser scales.
     model = eva02_lib.make_eva02("tiny", img_size=16, num_classes=2, patch_size=8)
-    abstract = sharding.unbox(eva02_lib.abstract_params(model))
+    abstract = sharding.unbox(factory.abstract_params(model))
     multipliers = classifier.layer_decay_multipliers(abstract, model.depth, 0.75)
     assert jax.tree.structure(multipliers) == jax.tree.structure(abstract)
     assert sorted(set(jax.tree.leaves(multipliers))) == [0.75 ** k for k in range(model.depth + 1, -1, -1)]
@@ -206,7 +171,7 @@ def test_classifier_overfits_a_fixed_batch():
     images = jnp.asarray(_phantom_batch(8, 32))
     labels = jnp.asarray(np.random.default_rng(0).integers(0, 2, (8, 3)), jnp.float32)
     mask = jnp.ones_like(labels).at[0, 0].set(0.0)
-    params = sharding.unbox(model.init(jax.random.PRNGKey(0), images[:1]))["params"]
+    params = sharding.unbox(factory.init_params(model, jax.random.PRNGKey(0)))
     key = jax.random.PRNGKey(1)
 
     def loss(params):
@@ -223,8 +188,7 @@ def test_vae_overfits_a_fixed_batch():
     config = tiny_configs.tiny_config()
     loss_fn = vae.make_loss_fn(model, None, config.vae)
     batch = {"image": jnp.asarray(_phantom_batch(4, 32))}
-    params = {"vae": sharding.unbox(model.init(jax.random.PRNGKey(0), batch["image"][:1],
-                                               sample_posterior=False))["params"]}
+    params = {"vae": sharding.unbox(factory.init_params(model, jax.random.PRNGKey(0)))}
     key = jax.random.PRNGKey(1)
     first, last = _fit(lambda p: loss_fn(p, batch, key, jnp.asarray(0))[0], params, steps=40, lr=2e-3)
     assert last < 0.3 * first, (first, last)
@@ -238,7 +202,7 @@ def test_dit_overfits_a_fixed_batch():
     rng = np.random.default_rng(0)
     batch = {"mean": jnp.asarray(rng.normal(size=(4, 8, 8, 4)), jnp.float32),
              "std": jnp.full((4, 8, 8, 4), 0.05, jnp.float32), "label": jnp.zeros((4,), jnp.int32)}
-    params = sharding.unbox(dit_lib.init_params(model, jax.random.PRNGKey(0)))["params"]
+    params = sharding.unbox(factory.init_params(model, jax.random.PRNGKey(0)))
     key = jax.random.PRNGKey(1)  # the same t, noise and posterior sample every step: one fixed objective
     first, last = _fit(lambda p: loss_fn(p, batch, key, jnp.asarray(0))[0], params, steps=40, lr=1e-3)
     assert last < 0.2 * first, (first, last)
@@ -251,8 +215,7 @@ def test_vae_gan_term_is_off_before_gan_start_step_and_on_after():
     cfg = tiny_configs.tiny_config().vae
     cfg.gan_start_step = 5
     batch = {"image": jnp.asarray(_phantom_batch(2, 32))}
-    params = {"vae": sharding.unbox(model.init(jax.random.PRNGKey(0), batch["image"][:1],
-                                               sample_posterior=False))["params"],
+    params = {"vae": sharding.unbox(factory.init_params(model, jax.random.PRNGKey(0))),
               "disc": sharding.unbox(disc.init(jax.random.PRNGKey(1), batch["image"][:1]))["params"]}
     key = jax.random.PRNGKey(2)
     loss_and_grads = jax.jit(jax.value_and_grad(vae.make_loss_fn(model, disc, cfg), has_aux=True))
@@ -272,8 +235,8 @@ def test_vae_gan_term_is_off_before_gan_start_step_and_on_after():
 # --------------------------------------------------------------------------------------------------
 # Tasks end to end
 # --------------------------------------------------------------------------------------------------
-def test_classifier_end_to_end_writes_test_artefacts(data_dir, tmp_path, monkeypatch):
-    config = tiny_configs.tiny_config(data_dir)
+def test_classifier_end_to_end_writes_test_artefacts(phantom_data_dir, tmp_path, monkeypatch):
+    config = tiny_configs.tiny_config(phantom_data_dir)
     config.task = "train_classifier"
     passes = []
     original = eval_pass.run_over_split
@@ -290,7 +253,7 @@ def test_classifier_end_to_end_writes_test_artefacts(data_dir, tmp_path, monkeyp
     assert set(results["test_auc"]) == set(names)
 
     for split in ("validation", "test"):
-        table = pipeline.metadata_table(config.data, split, data_dir=data_dir)
+        table = pipeline.metadata_table(config.data, split, data_dir=phantom_data_dir)
         rows = classification.read_predictions(tmp_path / f"predictions_{split}.csv")
         assert rows["class_names"] == list(names)
         assert sorted(rows["image_id"]) == sorted(table.image_id)   # every image once, no padding rows
@@ -332,7 +295,7 @@ def test_vae_end_to_end_writes_export_reconstructions_and_metrics(trained_vae):
     assert not np.array_equal(grid[2:66], grid[68:132])   # reconstructions are not copies of the input
 
     # The scaling factor makes the training latents (posterior samples) unit-variance.
-    model, params, loaded_scale = dit.load_vae(workdir / "export", config)
+    model, params, loaded_scale = generate.load_vae(workdir / "export", config)
     assert loaded_scale == scale
     images = next(iter(pipeline.make_dataset(config.data, "train", train=False, seed=0, batch_size=64,
                                              data_dir=config.data.data_dir)))["image"]
@@ -353,7 +316,7 @@ def test_dit_end_to_end_writes_latent_cache_grids_and_export(trained_dit, traine
     assert [g.name for g in grids] == ["step_0000010.png", "step_0000020.png"]
     assert _png(grids[-1]).shape == (4 * 66 + 2, 4 * 66 + 2)
 
-    model, params, info = sample.load_dit(workdir / "export", config)
+    model, params, info = factory.load_export(workdir / "export", kind="dit")
     assert info["kind"] == "dit" and info["weights"] == "ema" and info["trained_steps"] == TINY_DIT_STEPS
     assert info["class_names"] == [] and info["target_class"] == "Cardiomegaly" and model.num_classes == 0
     assert info["scaling_factor"] == vae_info["scaling_factor"]
@@ -413,62 +376,11 @@ def test_latent_cache_is_reused_when_unchanged_and_rebuilt_when_the_vae_changes(
 
 
 # --------------------------------------------------------------------------------------------------
-# The sample task
-# --------------------------------------------------------------------------------------------------
-def test_sample_is_reproducible_resumable_and_readable_as_a_synthetic_source(trained_dit, tmp_path):
-    dit_workdir, config, _ = trained_dit
-    config = config.copy_and_resolve_references()
-    config.mesh.shape = (-1, 1, 1)
-    out = tmp_path / "samples"
-    result = sample.generate(config, tmp_path, dit_dir=str(dit_workdir / "export"), out_dir=str(out))
-    count = config.sample.num_images
-    assert result["num_images"] == result["generated_now"] == count
-    files = [f"Cardiomegaly_{i:06d}.png" for i in range(count)]
-    assert sorted(p.name for p in out.glob("*.png")) == files
-    original = {f: (out / f).read_bytes() for f in files}
-    pixels = np.stack([_png(out / f) for f in files])
-    assert pixels.shape == (count, 64, 64) and pixels.dtype == np.uint8
-    assert len({p.tobytes() for p in pixels}) == count   # every image from its own noise
-
-    source = synthetic_lib.SyntheticSource(out, config.data.labels)
-    assert source.files == files and len(source) == count
-    np.testing.assert_array_equal(source.labels, np.tile([1.0, 0.0, 0.0], (count, 1)))
-    with (out / synthetic_lib.MANIFEST).open() as f:
-        assert {row["seed"] for row in csv.DictReader(f)} == {str(config.seed)}
-
-    # Batches are 16 images (a multiple of the 8 devices): delete two of the second batch and rerun.
-    batch_size = 16
-    untouched = {f: (out / f).stat().st_mtime_ns for f in files[:batch_size]}
-    for f in (files[17], files[19]):
-        (out / f).unlink()
-    rerun = sample.generate(config, tmp_path, dit_dir=str(dit_workdir / "export"), out_dir=str(out))
-    assert rerun["generated_now"] == count - batch_size and rerun["num_images"] == count
-    assert {f: (out / f).read_bytes() for f in files} == original       # the same seed: the same bytes
-    assert {f: (out / f).stat().st_mtime_ns for f in files[:batch_size]} == untouched
-    assert not list(out.glob("*.partial"))
-
-    config.seed = 1
-    config.sample.num_images = 4
-    other = tmp_path / "other_seed"
-    sample.generate(config, tmp_path, dit_dir=str(dit_workdir / "export"), out_dir=str(other))
-    assert all((other / f).read_bytes() != original[f] for f in files[:4])
-
-
-def test_sample_with_guidance_from_an_unconditional_dit_is_a_clear_error(trained_dit, tmp_path):
-    dit_workdir, config, _ = trained_dit
-    config = config.copy_and_resolve_references()
-    config.sample.guidance_scale = 3.0
-    with pytest.raises(ValueError, match="unconditional.*guidance_scale=1"):
-        sample.generate(config, tmp_path, dit_dir=str(dit_workdir / "export"))
-    assert not (tmp_path / "samples").exists()
-
-
-# --------------------------------------------------------------------------------------------------
 # The classifier learns an easy task
 # --------------------------------------------------------------------------------------------------
-def test_classifier_reaches_high_auc_on_an_easy_phantom(data_dir, tmp_path):
-    tiny_configs.prepare_easy_phantom(data_dir)
-    config = tiny_configs.easy_classifier_config(data_dir, steps=250)
+def test_classifier_reaches_high_auc_on_an_easy_phantom(phantom_data_dir, tmp_path):
+    tiny_configs.prepare_easy_phantom(phantom_data_dir)
+    config = tiny_configs.easy_classifier_config(phantom_data_dir, steps=250)
     results = classifier.train_classifier(config, tmp_path, mesh=_one_device_mesh())
     assert results["test_auc"]["Cardiomegaly"] >= 0.95, results
 

@@ -14,7 +14,8 @@ from safetensors.numpy import save_file
 
 from configs import base
 from xray_dit import sharding
-from xray_dit.models import vae
+from xray_dit.models import factory, vae
+from xray_dit.models.convert import vae_diffusers
 from xray_dit.models.weights import WeightImportError, load_state_dict
 from tests.helpers.golden import assert_close, nhwc
 
@@ -24,6 +25,13 @@ TINY_GOLDEN_FIELDS = dict(in_channels=3, out_channels=3, block_out_channels=(32,
                           latent_channels=4, norm_num_groups=32)
 
 
+def imported(state_dict, model, **kwargs):
+    """`{'params': ...}` from a diffusers state dict, as `model.apply` takes them."""
+    return {"params": vae_diffusers.from_state_dict(state_dict, model, **kwargs)}
+
+
+def abstract_variables(model):
+    return {"params": factory.abstract_params(model)}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +55,7 @@ def rgb_model():
 
 @pytest.fixture(scope="module")
 def rgb_params(golden_state_dict, rgb_model):
-    return vae.from_diffusers_state_dict(golden_state_dict, rgb_model)
+    return imported(golden_state_dict, rgb_model)
 
 
 def test_golden_config_matches_json(golden_dir):
@@ -119,7 +127,7 @@ def test_legacy_attention_names_load_the_same(golden_state_dict, rgb_model, rgb_
     legacy = _legacy_names(golden_state_dict)
     assert "encoder.mid_block.attentions.0.proj_attn.weight" in legacy
     assert not any(".to_q." in k for k in legacy)
-    legacy_params = vae.from_diffusers_state_dict(legacy, rgb_model)
+    legacy_params = imported(legacy, rgb_model)
     jax.tree.map(np.testing.assert_array_equal, legacy_params, rgb_params)
 
 
@@ -128,24 +136,24 @@ def test_mixed_attention_names_in_one_block_are_refused(golden_state_dict, rgb_m
     mixed["decoder.mid_block.attentions.0.proj_attn.weight"] = mixed.pop(
         "decoder.mid_block.attentions.0.to_out.0.weight")
     with pytest.raises(WeightImportError) as err:
-        vae.from_diffusers_state_dict(mixed, rgb_model)
+        imported(mixed, rgb_model)
     assert "decoder.mid_block.attentions.0.proj_attn.weight" in str(err.value)
     assert "decoder.mid_block.attentions.0.to_out.0.weight" in str(err.value)
 
 
 def test_round_trip_is_exact(golden_state_dict, rgb_model, rgb_params):
-    exported = vae.to_diffusers_state_dict(rgb_params, rgb_model)
+    exported = vae_diffusers.to_state_dict(rgb_params, rgb_model)
     assert sorted(exported) == sorted(golden_state_dict)
     for name, value in golden_state_dict.items():
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
-    reimported = vae.from_diffusers_state_dict(exported, rgb_model)
+    reimported = imported(exported, rgb_model)
     jax.tree.map(np.testing.assert_array_equal, reimported, rgb_params)
 
 
 def test_export_refuses_params_of_another_model(rgb_params):
     other = vae.AutoencoderKL(**{**TINY_GOLDEN_FIELDS, "latent_channels": 8})
     with pytest.raises(ValueError, match="quant_conv"):
-        vae.to_diffusers_state_dict(rgb_params, other)
+        vae_diffusers.to_state_dict(rgb_params, other)
 
 
 def _sd_zero_state_dict(golden_dir):
@@ -157,23 +165,23 @@ def test_sd_checkpoint_names_map_completely(golden_dir):
     names, state_dict = _sd_zero_state_dict(golden_dir)
     assert len(state_dict) == names["num_tensors"] == 248
     rgb = vae.make_vae("sd-vae-ft-ema")
-    params = vae.from_diffusers_state_dict(state_dict, rgb)
+    params = imported(state_dict, rgb)
     leaves = jax.tree.leaves(params)
     assert len(leaves) == 248 and sum(x.size for x in leaves) == names["num_parameters"]
     assert params["params"]["encoder"]["conv_in"]["kernel"].shape == (3, 3, 3, 128)
 
     gray = vae.make_vae("sd-vae-gray")
-    params = vae.from_diffusers_state_dict(state_dict, gray)
+    params = imported(state_dict, gray)
     assert params["params"]["encoder"]["conv_in"]["kernel"].shape == (3, 3, 1, 128)
     assert params["params"]["decoder"]["conv_out"]["kernel"].shape == (3, 3, 128, 1)
     assert params["params"]["decoder"]["conv_out"]["bias"].shape == (1,)
-    legacy = vae.from_diffusers_state_dict(_legacy_names(state_dict), gray)
+    legacy = imported(_legacy_names(state_dict), gray)
     assert jax.tree.structure(legacy) == jax.tree.structure(params)
 
 
 def test_rgb_weights_on_a_gray_model_follow_the_documented_rule(golden, golden_state_dict, rgb_model, rgb_params):
     gray_model = vae.AutoencoderKL(**{**TINY_GOLDEN_FIELDS, "in_channels": 1, "out_channels": 1})
-    gray_params = vae.from_diffusers_state_dict(golden_state_dict, gray_model)
+    gray_params = imported(golden_state_dict, gray_model)
     g = nhwc(golden["x"])[..., :1]
     z = nhwc(golden["z"])
     with jax.default_matmul_precision("highest"):
@@ -190,19 +198,19 @@ def test_rgb_weights_on_a_gray_model_follow_the_documented_rule(golden, golden_s
 def test_channel_mismatches_other_than_rgb_to_gray_are_refused(golden_state_dict):
     gray_model = vae.AutoencoderKL(**{**TINY_GOLDEN_FIELDS, "in_channels": 1, "out_channels": 1})
     with pytest.raises(WeightImportError, match="encoder/conv_in/kernel") as err:
-        vae.from_diffusers_state_dict(golden_state_dict, gray_model, adapt_rgb="off")
+        imported(golden_state_dict, gray_model, adapt_rgb="off")
     assert "decoder/conv_out/kernel" in str(err.value)
     two_channel = vae.AutoencoderKL(**{**TINY_GOLDEN_FIELDS, "in_channels": 2, "out_channels": 2})
     with pytest.raises(WeightImportError, match="shape mismatch at encoder/conv_in/kernel"):
-        vae.from_diffusers_state_dict(golden_state_dict, two_channel)
+        imported(golden_state_dict, two_channel)
     with pytest.raises(ValueError, match="adapt_rgb"):
-        vae.from_diffusers_state_dict(golden_state_dict, gray_model, adapt_rgb="yes")
+        imported(golden_state_dict, gray_model, adapt_rgb="yes")
 
 
 def test_wrong_files_are_refused_with_every_name_listed(golden_dir, golden_state_dict, rgb_model):
     dit_like = load_state_dict(golden_dir / "dit_tiny.npz")
     with pytest.raises(WeightImportError) as err:
-        vae.from_diffusers_state_dict(dit_like, rgb_model)
+        imported(dit_like, rgb_model)
     message = str(err.value)
     assert "x_embedder.proj.weight" in message and "blocks.1.attn.qkv.weight" in message
     assert "encoder.conv_in.weight" in message and "post_quant_conv.bias" in message
@@ -211,7 +219,7 @@ def test_wrong_files_are_refused_with_every_name_listed(golden_dir, golden_state
     del missing["decoder.up_blocks.1.resnets.1.norm2.bias"]
     del missing["quant_conv.weight"]
     with pytest.raises(WeightImportError) as err:
-        vae.from_diffusers_state_dict(missing, rgb_model)
+        imported(missing, rgb_model)
     assert "2 tensor(s) the model needs are not in the file" in str(err.value)
     assert "decoder.up_blocks.1.resnets.1.norm2.bias" in str(err.value)
     assert "quant_conv.weight" in str(err.value)
@@ -219,13 +227,13 @@ def test_wrong_files_are_refused_with_every_name_listed(golden_dir, golden_state
     wrong_shape = dict(golden_state_dict)
     wrong_shape["encoder.mid_block.attentions.0.to_k.weight"] = np.zeros((64, 32), np.float32)
     with pytest.raises(WeightImportError, match=r"shape mismatch at encoder/mid_block/attentions_0/to_k/kernel"):
-        vae.from_diffusers_state_dict(wrong_shape, rgb_model)
+        imported(wrong_shape, rgb_model)
 
 
 def test_sd_config_shapes_at_256px_grayscale():
     model = vae.make_vae("sd-vae-gray")
     assert model.scaling_factor == 0.18215 and model.downsample_factor == 8
-    variables = vae.abstract_params(model)
+    variables = abstract_variables(model)
     x = jax.ShapeDtypeStruct((2, 256, 256, 1), jnp.float32)
     mean, logvar = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.encode), variables, x)
     assert mean.shape == logvar.shape == (2, 32, 32, 4)
@@ -235,7 +243,7 @@ def test_sd_config_shapes_at_256px_grayscale():
 
 def test_every_weight_has_logical_axis_names():
     model = vae.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1)
-    boxed = traverse_util.flatten_dict(vae.abstract_params(model)["params"], sep="/")
+    boxed = traverse_util.flatten_dict(abstract_variables(model)["params"], sep="/")
     for path, leaf in boxed.items():
         assert isinstance(leaf, nn.LogicallyPartitioned), path
         module = path.split("/")[-2]
@@ -263,7 +271,7 @@ def _vae_loss(params, x):
 def unsharded_loss_and_grads():
     x = jax.random.normal(jax.random.key(1), (8, 8, 8, 1))
     # One jitted init with an 'rbg' key: threefry initialisers compile slowly on CPU, op by op even more.
-    boxed = jax.jit(lambda x: SHARDING_MODEL.init(jax.random.key(0, impl="rbg"), x, sample_posterior=False))(x)
+    boxed = jax.jit(lambda: {"params": factory.init_params(SHARDING_MODEL, jax.random.key(0, impl="rbg"))})()
     return x, boxed, jax.jit(jax.value_and_grad(_vae_loss))(nn.meta.unbox(boxed), x)
 
 
@@ -291,17 +299,17 @@ def test_bad_inputs_and_configs_are_refused_clearly(rgb_model, rgb_params):
     with pytest.raises(ValueError, match="latent"):
         rgb_model.apply(rgb_params, np.zeros((1, 16, 16, 3), np.float32), method=rgb_model.decode)
     with pytest.raises(ValueError, match="divisible by norm_num_groups"):
-        vae.abstract_params(vae.AutoencoderKL(block_out_channels=(48, 64)))
+        factory.abstract_params(vae.AutoencoderKL(block_out_channels=(48, 64)))
     with pytest.raises(ValueError, match="cudnn' needs dtype bfloat16"):
-        vae.abstract_params(vae.AutoencoderKL(block_out_channels=(32, 64), attention_impl="cudnn"))
+        factory.abstract_params(vae.AutoencoderKL(block_out_channels=(32, 64), attention_impl="cudnn"))
     with pytest.raises(ValueError, match="head dim 512"):
-        vae.abstract_params(vae.make_vae("sd-vae-gray", dtype=jnp.bfloat16, attention_impl="cudnn"))
+        factory.abstract_params(vae.make_vae("sd-vae-gray", dtype=jnp.bfloat16, attention_impl="cudnn"))
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs a GPU"):
-            vae.abstract_params(vae.AutoencoderKL(block_out_channels=(32, 64), dtype=jnp.bfloat16,
-                                                  attention_impl="cudnn"))
+            factory.abstract_params(vae.AutoencoderKL(block_out_channels=(32, 64), dtype=jnp.bfloat16,
+                                                      attention_impl="cudnn"))
     with pytest.raises(ValueError, match="attention_impl must be"):
-        vae.abstract_params(vae.AutoencoderKL(block_out_channels=(32, 64), attention_impl="flash"))
+        factory.abstract_params(vae.AutoencoderKL(block_out_channels=(32, 64), attention_impl="flash"))
     with pytest.raises(ValueError, match="unknown VAE preset"):
         vae.make_vae("sd-vae-ft-xyz")
     with pytest.raises(ValueError, match="latent_chanels"):

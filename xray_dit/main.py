@@ -34,7 +34,7 @@ TASKS = {
     "train_classifier": ("xray_dit.train.classifier", "run"),
     "train_vae": ("xray_dit.train.vae", "run"),
     "train_dit": ("xray_dit.train.dit", "run"),
-    "sample": ("xray_dit.train.sample", "run"),
+    "sample": ("xray_dit.generate", "run"),
     "study": ("xray_dit.study.phases", "run"),
 }
 
@@ -177,9 +177,9 @@ def _check_config(config) -> None:
                          f"{tuple(config.data.labels)}; set --config.data.target_class to one of them or add it "
                          "to --config.data.labels")
     if config.task == "study":
-        from xray_dit.train import model_factory
+        from xray_dit.models import factory
         try:
-            model_factory.check_sizes(config)
+            factory.check_sizes(config)
         except ValueError as e:
             raise UsageError(f"the config's sizes do not fit together: {e}") from e
 

@@ -19,7 +19,6 @@ import sys
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 LATENT_SIZE, LATENT_CHANNELS, NUM_LATENTS = 8, 4, 64
@@ -73,14 +72,14 @@ def latent_data(global_batch: int, *, seed: int, as_process_count: int | None = 
 
 def tiny_dit_task(config, data):
     from xray_dit.diffusion import schedules
-    from xray_dit.train import dit, loop, model_factory
-    model = model_factory.dit_from_config(config, latent_size=LATENT_SIZE, latent_channels=LATENT_CHANNELS,
-                                          num_classes=0)
+    from xray_dit.models import factory
+    from xray_dit.train import dit, loop
+    model = factory.dit_from_config(config, latent_size=LATENT_SIZE, latent_channels=LATENT_CHANNELS,
+                                    num_classes=0)
     schedule = schedules.make_schedule(config.dit.noise_schedule, config.dit.diffusion_steps)
-    example = jnp.zeros((1, LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS))
     return loop.TrainTask(
         name="dit",
-        init_params=lambda rng: model.init(rng, example, jnp.zeros((1,), jnp.int32))["params"],
+        init_params=lambda rng: factory.init_params(model, rng),
         loss_fn=dit.make_loss_fn(model, schedule, scale=1.0), train=config.dit.train, data=data)
 
 

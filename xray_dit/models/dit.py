@@ -4,23 +4,20 @@ Numerically the facebookresearch/DiT `models.py` (checked against golden tensors
 logical-axis annotations for FSDP / tensor parallelism, and an unconditional variant
 (`num_classes=0`: no label embedder, conditioning is the timestep alone).
 
-`from_torch_state_dict` / `to_torch_state_dict` convert to and from the released PyTorch checkpoints'
-names (DiT-XL-2-256x256.pt etc.; `train.py` checkpoints keep them under "ema").
+`models/convert/dit_torch.py` converts to and from the released PyTorch checkpoints' names.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from xray_dit.models import layers
-from xray_dit.models import weights
 
 # name → (hidden_size, depth, num_heads), the paper's configurations.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -314,130 +311,3 @@ def make_dit(name: str = "DiT-B/2", **overrides: Any) -> DiT:
     model = DiT(**fields)
     model.validate()
     return model
-
-
-def _example_inputs(model: DiT, batch_size: int):
-    x = jnp.zeros((batch_size, model.input_size, model.input_size, model.in_channels), jnp.float32)
-    t = jnp.zeros((batch_size,), jnp.int32)
-    y = jnp.zeros((batch_size,), jnp.int32) if model.num_classes > 0 else None
-    return x, t, y
-
-
-def init_params(model: DiT, rng: jax.Array, batch_size: int = 1) -> dict:
-    """Fresh variables `{'params': ...}`, still boxed with logical axis names (for `sharding.shard_params`)."""
-    model.validate()
-    return jax.jit(model.init)(rng, *_example_inputs(model, batch_size))
-
-
-def abstract_params(model: DiT) -> dict:
-    """`{'params': ...}` shapes/dtypes, boxed with logical names, without allocating anything."""
-    return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-
-
-# ---------------------------------------------------------------------------------------------
-# PyTorch checkpoint names ↔ our params tree.
-
-def _torch_to_flax_map(model: DiT) -> list[tuple[str, str, Any, Any]]:
-    """(torch name, our path, torch→ours transform, ours→torch transform) for every tensor but pos_embed.
-
-    Transforms are numpy views (`.T`, reshape), so mapping even DiT-XL costs no extra memory.
-    """
-    d, h = model.hidden_size, model.num_heads
-    hd = d // h
-    ident = (lambda w: w, lambda w: w)
-    lin = (lambda w: w.T, lambda w: w.T)
-    entries = [
-        ("x_embedder.proj.weight", "x_embedder/kernel",
-         lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1)),
-        ("x_embedder.proj.bias", "x_embedder/bias", *ident),
-        ("t_embedder.mlp.0.weight", "t_embedder/mlp_0/kernel", *lin),
-        ("t_embedder.mlp.0.bias", "t_embedder/mlp_0/bias", *ident),
-        ("t_embedder.mlp.2.weight", "t_embedder/mlp_2/kernel", *lin),
-        ("t_embedder.mlp.2.bias", "t_embedder/mlp_2/bias", *ident),
-    ]
-    if model.num_classes > 0:
-        entries.append(("y_embedder.embedding_table.weight", "y_embedder", *ident))
-    for i in range(model.depth):
-        tb, fb = f"blocks.{i}.", f"blocks_{i}/"
-        entries += [
-            (tb + "attn.qkv.weight", fb + "attn/qkv/kernel",
-             lambda w: w.T.reshape(d, 3, h, hd), lambda w: w.reshape(d, 3 * d).T),
-            (tb + "attn.qkv.bias", fb + "attn/qkv/bias",
-             lambda w: w.reshape(3, h, hd), lambda w: w.reshape(3 * d)),
-            (tb + "attn.proj.weight", fb + "attn/proj/kernel",
-             lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(d, d).T),
-            (tb + "attn.proj.bias", fb + "attn/proj/bias", *ident),
-            (tb + "mlp.fc1.weight", fb + "mlp/fc1/kernel", *lin),
-            (tb + "mlp.fc1.bias", fb + "mlp/fc1/bias", *ident),
-            (tb + "mlp.fc2.weight", fb + "mlp/fc2/kernel", *lin),
-            (tb + "mlp.fc2.bias", fb + "mlp/fc2/bias", *ident),
-            (tb + "adaLN_modulation.1.weight", fb + "adaLN_modulation/kernel", *lin),
-            (tb + "adaLN_modulation.1.bias", fb + "adaLN_modulation/bias", *ident),
-        ]
-    entries += [
-        ("final_layer.linear.weight", "final_layer/linear/kernel", *lin),
-        ("final_layer.linear.bias", "final_layer/linear/bias", *ident),
-        ("final_layer.adaLN_modulation.1.weight", "final_layer/adaLN_modulation/kernel", *lin),
-        ("final_layer.adaLN_modulation.1.bias", "final_layer/adaLN_modulation/bias", *ident),
-    ]
-    return entries
-
-
-def _checked_shape(transform, value: np.ndarray) -> np.ndarray:
-    """Applies a layout transform; a tensor whose size cannot fit is left for `finish` to report."""
-    try:
-        return transform(value)
-    except ValueError:
-        return value
-
-
-def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], model: DiT, source: str = "DiT state dict") -> dict:
-    """Variables `{'params': ...}` (unboxed numpy, `model.param_dtype`) from a PyTorch DiT state_dict.
-
-    Refuses, listing every offender, a file with tensors that map to nothing, tensors the model needs
-    but the file lacks, wrong shapes, or a `pos_embed` that differs from the model's fixed table
-    (a sign of a different input size or hidden width).
-    """
-    reader = weights.StateDictReader(state_dict, source)
-    flat = {}
-    for torch_name, path, to_ours, _ in _torch_to_flax_map(model):
-        value = reader.take(torch_name)
-        if value is not None:
-            flat[path] = _checked_shape(to_ours, value)
-    pos_problem = None
-    stored_pos = reader.take("pos_embed")
-    if stored_pos is not None:
-        ours = model.pos_embed()[None]
-        if stored_pos.shape != ours.shape:
-            pos_problem = f"pos_embed has shape {stored_pos.shape}, the model's table is {ours.shape}"
-        elif not np.allclose(stored_pos, ours, atol=1e-5):
-            pos_problem = ("pos_embed differs from the model's fixed 2-D sin-cos table (max abs diff "
-                           f"{np.abs(stored_pos - ours).max():.3g}); the checkpoint is not a standard DiT")
-    expected = nn.meta.unbox(abstract_params(model))["params"]
-    try:
-        params = reader.finish(weights.nested(flat), expected)
-    except weights.WeightImportError as error:
-        if pos_problem:
-            raise weights.WeightImportError(f"{error}\n  - {pos_problem}") from None
-        raise
-    if pos_problem:
-        raise weights.WeightImportError(f"cannot import {source}:\n  - {pos_problem}")
-    return {"params": jax.tree.map(lambda v: np.asarray(v, dtype=model.param_dtype), params)}
-
-
-def to_torch_state_dict(params: Mapping[str, Any], model: DiT) -> dict[str, np.ndarray]:
-    """The inverse of `from_torch_state_dict` (`params` is `{'params': ...}` or the bare tree):
-    PyTorch names and layouts, float32, plus the fixed pos_embed table the checkpoints carry."""
-    tree = params["params"] if "params" in params else params
-    flat = traverse_util.flatten_dict(dict(nn.meta.unbox(tree)), sep="/")
-    want = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(model))["params"], sep="/")
-    wrong = sorted(k for k in set(flat) | set(want)
-                   if k not in flat or k not in want or np.shape(flat[k]) != want[k].shape)
-    if wrong:
-        raise ValueError(f"params do not belong to this DiT ({len(wrong)} missing, extra or mis-shaped "
-                         f"leaves): {', '.join(wrong)}")
-    out = {}
-    for torch_name, path, _, to_torch in _torch_to_flax_map(model):
-        out[torch_name] = np.ascontiguousarray(to_torch(np.asarray(flat[path], dtype=np.float32)))
-    out["pos_embed"] = model.pos_embed()[None]
-    return out

@@ -1,30 +1,26 @@
-"""EVA-02 vision transformer classifier (timm `Eva` semantics) and its timm weight import.
+"""EVA-02 vision transformer classifier (timm `Eva` semantics); its timm converter is `convert/eva02_timm.py`.
 
 The model follows `timm.models.eva.Eva` as configured for `eva02_{tiny,small,base}_patch14_224`:
 a class token and an absolute position embedding that includes the cls slot, 2-D rotary position
 embedding (RoPE) on q/k of the patch tokens only, SwiGLU MLPs, LayerNorm eps 1e-6, mean pooling over
 the patch tokens (cls excluded) followed by `fc_norm`, then a linear head. Images are NHWC.
 
-Parameter names mirror timm's (`blocks_3/attn/qkv` ↔ `blocks.3.attn.qkv`) so that the import map and
-the layer-wise learning-rate decay (`layer_id`) stay readable.
+Parameter names mirror timm's (`blocks_3/attn/qkv` ↔ `blocks.3.attn.qkv`) so that the converter's map
+and the layer-wise learning-rate decay (`layer_id`) stay readable.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from flax import traverse_util
 
 from xray_dit.models import layers
-from xray_dit.models.weights import StateDictReader, WeightImportError, conv, linear, nested
 
 LN_EPS = 1e-6
 ROPE_TEMPERATURE = 10000.0
@@ -42,7 +38,7 @@ EVA02_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+def pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, (int, np.integer)):
         return int(value), int(value)
     value = tuple(int(v) for v in value)
@@ -74,7 +70,7 @@ def rope_table(grid: int | tuple[int, int], head_dim: int,
     reference shape), each angle repeated twice in place for the interleaved pair rotation.
     `concatenate([sin, cos], -1)` equals timm's `rope.get_embed()`.
     """
-    grid_h, grid_w = _pair(grid)
+    grid_h, grid_w = pair(grid)
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head_dim divisible by 4 (two axes x sin/cos pairs), got {head_dim}; "
                          "choose embed_dim / num_heads accordingly")
@@ -84,7 +80,7 @@ def rope_table(grid: int | tuple[int, int], head_dim: int,
     bands = (np.float32(1.0) / np.float32(temperature) ** exponents).astype(np.float32)
     coords = [np.arange(grid_h, dtype=np.float32), np.arange(grid_w, dtype=np.float32)]
     if ref_feat_shape is not None:
-        coords = [c / np.float32(g) * np.float32(r) for c, g, r in zip(coords, (grid_h, grid_w), _pair(ref_feat_shape))]
+        coords = [c / np.float32(g) * np.float32(r) for c, g, r in zip(coords, (grid_h, grid_w), pair(ref_feat_shape))]
     rows, cols = np.meshgrid(*coords, indexing="ij")
     angles = np.concatenate([rows.reshape(-1, 1) * bands, cols.reshape(-1, 1) * bands], axis=1).astype(np.float32)
     angles = np.repeat(angles, 2, axis=1)
@@ -123,7 +119,7 @@ def _layer_norm(name: str | None, param_dtype: Any) -> nn.LayerNorm:
                         bias_init=_wlp(nn.initializers.zeros_init(), ("norm",)), name=name)
 
 
-def _head(num_classes: int, dtype: Any, param_dtype: Any, name: str | None = None) -> nn.Dense:
+def classifier_head(num_classes: int, dtype: Any, param_dtype: Any, name: str | None = None) -> nn.Dense:
     """The classifier head; shared by the model and by the importer's fresh-head initialisation."""
     return nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=_wlp(_trunc_normal(0.02 * HEAD_INIT_SCALE), ("embed", "classes")),
@@ -316,7 +312,7 @@ class Eva02(nn.Module):
 
     @property
     def grid(self) -> tuple[int, int]:
-        height, width = _pair(self.img_size)
+        height, width = pair(self.img_size)
         return height // self.patch_size, width // self.patch_size
 
     @property
@@ -324,7 +320,7 @@ class Eva02(nn.Module):
         return int(self.embed_dim * self.mlp_ratio)
 
     def _check_config(self) -> None:
-        height, width = _pair(self.img_size)
+        height, width = pair(self.img_size)
         if self.patch_size <= 0 or height % self.patch_size or width % self.patch_size:
             raise ValueError(f"img_size {(height, width)} is not divisible by patch_size {self.patch_size}; "
                              f"use a multiple of {self.patch_size}")
@@ -361,10 +357,10 @@ class Eva02(nn.Module):
                        for i in range(self.depth)]
         self.fc_norm = _layer_norm(None, self.param_dtype)
         self.head_drop = nn.Dropout(self.drop_rate)
-        self.head = _head(self.num_classes, self.dtype, self.param_dtype)
+        self.head = classifier_head(self.num_classes, self.dtype, self.param_dtype)
 
     def _check_input(self, x: jax.Array) -> None:
-        height, width = _pair(self.img_size)
+        height, width = pair(self.img_size)
         expected = (height, width, self.in_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             hint = ""
@@ -372,7 +368,7 @@ class Eva02(nn.Module):
                 hint = " (this looks NCHW; transpose to NHWC)"
             raise ValueError(f"Eva02 expects NHWC images of shape (batch, {height}, {width}, {self.in_channels}), "
                              f"got {tuple(x.shape)}{hint}; to run at another resolution build the model with that "
-                             "img_size and import the weights with from_timm_state_dict (pos_embed is resampled)")
+                             "img_size and import the weights with models.convert.eva02_timm (pos_embed is resampled)")
 
     def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
         self._check_input(x)
@@ -407,19 +403,12 @@ def make_eva02(name: str = "S", *, img_size: int | tuple[int, int] = 224, num_cl
     if name not in EVA02_SIZES:
         raise ValueError(f"unknown EVA-02 size {name!r}; choose one of {sorted(EVA02_SIZES)}")
     patch_size = overrides.get("patch_size", 14)
-    height, width = _pair(img_size)
+    height, width = pair(img_size)
     if height % patch_size or width % patch_size:
         raise ValueError(f"image size {(height, width)} is not divisible by the patch size {patch_size}; "
                          f"use a multiple of {patch_size} (224 = 16·14 is the pretraining size)")
     config = {**EVA02_SIZES[name], **overrides}
     return Eva02(img_size=img_size, num_classes=num_classes, in_channels=in_channels, **config)
-
-
-def abstract_params(model: Eva02) -> Any:
-    """Shapes/dtypes of the model's params (still boxed with their logical axis names), no memory used."""
-    height, width = _pair(model.img_size)
-    x = jnp.zeros((1, height, width, model.in_channels), model.dtype)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
 
 
 _BLOCK_RE = re.compile(r"blocks_(\d+)$")
@@ -448,217 +437,3 @@ def layer_id(param_path: Sequence[str], depth: int) -> int:
     if top in ("fc_norm", "head"):
         return depth + 1
     raise ValueError(f"layer_id: unknown EVA-02 parameter path {path}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# timm weight import / export
-# ----------------------------------------------------------------------------------------------------
-
-def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
-                       num_prefix: int = 1, method: str = "bicubic") -> np.ndarray:
-    """Resizes the patch-grid part of a (1, num_prefix + H·W, D) position embedding to `new_grid`.
-
-    The prefix (cls) slots are kept as they are; the grid is treated as an image (row-major tokens)
-    and resized with antialiasing (which only matters when shrinking). Without `old_grid` the grid
-    must be square. Returns the input unchanged when the grids agree.
-    """
-    pos_embed = np.asarray(pos_embed)
-    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    count = patches.shape[1]
-    if old_grid is None:
-        side = math.isqrt(count)
-        if side * side != count:
-            raise ValueError(f"pos_embed has {count} patch positions, not a square grid; pass the checkpoint's "
-                             "img_size so the grid shape is known")
-        old_grid = (side, side)
-    old_grid, new_grid = _pair(old_grid), _pair(new_grid)
-    if old_grid[0] * old_grid[1] != count:
-        raise ValueError(f"pos_embed has {count} patch positions but the stated grid {old_grid} has "
-                         f"{old_grid[0] * old_grid[1]}")
-    if old_grid == new_grid:
-        return pos_embed
-    dim = patches.shape[-1]
-    image = patches.reshape(1, *old_grid, dim).astype(np.float32)
-    resized = jax.image.resize(image, (1, *new_grid, dim), method=method, antialias=True)
-    resized = np.asarray(resized).reshape(1, new_grid[0] * new_grid[1], dim).astype(pos_embed.dtype)
-    return np.concatenate([prefix, resized], axis=1)
-
-
-def _stacked_kernel(parts: int):
-    """timm (parts·out, in) Linear weight with stacked outputs → `StackedDense` kernel (in, parts, out)."""
-    def transform(w: np.ndarray) -> np.ndarray:
-        if w.ndim != 2 or w.shape[0] % parts:
-            return w  # leave it for `finish` to report as a shape mismatch
-        return np.ascontiguousarray(w.reshape(parts, w.shape[0] // parts, w.shape[1]).transpose(2, 0, 1))
-    return transform
-
-
-def _stacked_bias(parts: int):
-    def transform(b: np.ndarray) -> np.ndarray:
-        return b.reshape(parts, -1) if b.ndim == 1 and b.shape[0] % parts == 0 else b
-    return transform
-
-
-def _patch_kernel(in_channels: int):
-    """Conv2d (O, I, kH, kW) → (kH, kW, I, O), summing RGB into one channel for a grayscale model.
-
-    Summing is exact for a gray image fed as (g, g, g): conv(g, W_r) + conv(g, W_g) + conv(g, W_b) =
-    conv(g, W_r + W_g + W_b). (With per-channel input normalisation the three normalised copies differ
-    slightly; normalise gray input with a single mean/std.)
-    """
-    def transform(w: np.ndarray) -> np.ndarray:
-        kernel = conv(w)
-        if kernel.ndim == 4 and kernel.shape[2] == 3 and in_channels == 1:
-            logging.info("EVA-02 import: patch_embed RGB kernel summed over channels for 1-channel input")
-            return kernel.sum(axis=2, keepdims=True)
-        return kernel
-    return transform
-
-
-def _fresh_head(model: Eva02, rng: jax.Array) -> dict[str, np.ndarray]:
-    head = _head(model.num_classes, model.dtype, model.param_dtype)
-    variables = head.init(rng, jnp.zeros((1, model.embed_dim), model.dtype))
-    return jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
-
-
-def from_timm_state_dict(state_dict: Mapping[str, np.ndarray], model: Eva02, *,
-                         img_size: int | tuple[int, int] | None = None, rng: jax.Array | None = None,
-                         source: str = "timm EVA-02 state dict") -> dict:
-    """Builds `model`'s params (unboxed numpy tree, `param_dtype`) from a timm `Eva` state dict.
-
-    * `img_size`: the resolution the checkpoint was trained at; only needed when its pos_embed grid is
-      not square. The patch-grid part of pos_embed is resampled (bicubic) to `model.img_size`, the cls
-      slot kept; RoPE is computed, never loaded.
-    * A 3-channel patch embedding is summed to 1 channel when `model.in_channels == 1`.
-    * Head: loaded when `head.*` is present with `model.num_classes` rows. A state dict without `head.*`
-      (timm's mim_in22k checkpoints) gets a fresh head (logged). A head with another class count is
-      discarded with a `UserWarning` and replaced by a fresh head: fine-tuning an ImageNet classifier
-      on our labels is the expected case. Fresh heads use `rng` (default key 0).
-    * `norm.*` (timm's final norm for global_pool='token', e.g. EVA-02 CLIP towers) is refused: this
-      model pools by averaging and uses `fc_norm`.
-    Any tensor left unmapped, missing or mis-shaped raises `WeightImportError` listing all of them.
-    """
-    reader = StateDictReader(state_dict, source)
-    if reader.has("norm.weight") or reader.has("norm.bias"):
-        raise WeightImportError(f"cannot import {source}: it has a final `norm` (timm global_pool='token' layout, "
-                                "cls-token pooling) but this Eva02 averages the patch tokens and uses `fc_norm`; "
-                                "use an avg-pool checkpoint (eva02_*_patch14_224 mim_in22k / in1k fine-tunes)")
-    expected = nn.meta.unbox(abstract_params(model))
-    old_grid = None if img_size is None else tuple(s // model.patch_size for s in _pair(img_size))
-
-    flat: dict[str, Any] = {
-        "cls_token": reader.take("cls_token"),
-        "pos_embed": reader.take("pos_embed", lambda pe: resample_pos_embed(pe, model.grid, old_grid)),
-        "patch_embed/kernel": reader.take("patch_embed.proj.weight", _patch_kernel(model.in_channels)),
-        "patch_embed/bias": reader.take("patch_embed.proj.bias"),
-        "fc_norm/scale": reader.take("fc_norm.weight"),
-        "fc_norm/bias": reader.take("fc_norm.bias"),
-    }
-    for i in range(model.depth):
-        src, dst = f"blocks.{i}.", f"blocks_{i}/"
-        for norm in ("norm1", "norm2"):
-            flat[f"{dst}{norm}/scale"] = reader.take(f"{src}{norm}.weight")
-            flat[f"{dst}{norm}/bias"] = reader.take(f"{src}{norm}.bias")
-        if model.qkv_fused:
-            flat[f"{dst}attn/qkv/kernel"] = reader.take(f"{src}attn.qkv.weight", _stacked_kernel(3))
-            flat[f"{dst}attn/q_bias"] = reader.take(f"{src}attn.q_bias")
-            flat[f"{dst}attn/v_bias"] = reader.take(f"{src}attn.v_bias")
-        else:
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                flat[f"{dst}attn/{proj}/kernel"] = reader.take(f"{src}attn.{proj}.weight", linear)
-            flat[f"{dst}attn/q_proj/bias"] = reader.take(f"{src}attn.q_proj.bias")
-            flat[f"{dst}attn/v_proj/bias"] = reader.take(f"{src}attn.v_proj.bias")
-        flat[f"{dst}attn/proj/kernel"] = reader.take(f"{src}attn.proj.weight", linear)
-        flat[f"{dst}attn/proj/bias"] = reader.take(f"{src}attn.proj.bias")
-        if model.scale_mlp:
-            for fc in ("fc1_g", "fc1_x"):
-                flat[f"{dst}mlp/{fc}/kernel"] = reader.take(f"{src}mlp.{fc}.weight", linear)
-                flat[f"{dst}mlp/{fc}/bias"] = reader.take(f"{src}mlp.{fc}.bias")
-            flat[f"{dst}mlp/norm/scale"] = reader.take(f"{src}mlp.norm.weight")
-            flat[f"{dst}mlp/norm/bias"] = reader.take(f"{src}mlp.norm.bias")
-        else:
-            flat[f"{dst}mlp/fc1/kernel"] = reader.take(f"{src}mlp.fc1.weight", _stacked_kernel(2))
-            flat[f"{dst}mlp/fc1/bias"] = reader.take(f"{src}mlp.fc1.bias", _stacked_bias(2))
-        flat[f"{dst}mlp/fc2/kernel"] = reader.take(f"{src}mlp.fc2.weight", linear)
-        flat[f"{dst}mlp/fc2/bias"] = reader.take(f"{src}mlp.fc2.bias")
-
-    head_weight = state_dict.get("head.weight")
-    if head_weight is not None and np.ndim(head_weight) == 2 and np.shape(head_weight)[0] == model.num_classes:
-        flat["head/kernel"] = reader.take("head.weight", linear)
-        flat["head/bias"] = reader.take("head.bias")
-    else:
-        if head_weight is None:
-            logging.info("EVA-02 import: %s has no head.*; classifier head (%d classes) freshly initialised",
-                         source, model.num_classes)
-        else:
-            warnings.warn(f"EVA-02 import: {source} has a head for {np.shape(head_weight)[0]} classes but the model "
-                          f"has {model.num_classes}; that head is discarded and a fresh one initialised",
-                          UserWarning, stacklevel=2)
-            reader.take("head.weight")
-            reader.take("head.bias")
-        fresh = _fresh_head(model, jax.random.key(0) if rng is None else rng)
-        flat["head/kernel"], flat["head/bias"] = fresh["kernel"], fresh["bias"]
-
-    params = reader.finish(nested(flat), expected)
-    return jax.tree.map(lambda a: np.asarray(a, dtype=model.param_dtype), params)
-
-
-# The name `weights.py` documents for every model's importer.
-from_torch_state_dict = from_timm_state_dict
-
-
-def to_timm_state_dict(params: Mapping[str, Any], model: Eva02) -> dict[str, np.ndarray]:
-    """The inverse map: Flax params (optionally under "params", boxed or not) → timm names and layouts.
-
-    The fused layout's zero `k_bias` is a non-persistent buffer in timm and is not written.
-    """
-    params = nn.meta.unbox(dict(params))
-    if set(params) == {"params"}:
-        params = params["params"]
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-
-    def torch_linear(key):
-        return np.ascontiguousarray(flat[key].T)
-
-    def torch_stacked(key):  # (in, parts, out) → (parts·out, in)
-        kernel = flat[key]
-        return np.ascontiguousarray(kernel.transpose(1, 2, 0).reshape(-1, kernel.shape[0]))
-
-    out = {
-        "cls_token": flat["cls_token"],
-        "pos_embed": flat["pos_embed"],
-        "patch_embed.proj.weight": np.ascontiguousarray(flat["patch_embed/kernel"].transpose(3, 2, 0, 1)),
-        "patch_embed.proj.bias": flat["patch_embed/bias"],
-    }
-    for i in range(model.depth):
-        src, dst = f"blocks_{i}/", f"blocks.{i}."
-        for norm in ("norm1", "norm2"):
-            out[f"{dst}{norm}.weight"] = flat[f"{src}{norm}/scale"]
-            out[f"{dst}{norm}.bias"] = flat[f"{src}{norm}/bias"]
-        if model.qkv_fused:
-            out[f"{dst}attn.q_bias"] = flat[f"{src}attn/q_bias"]
-            out[f"{dst}attn.v_bias"] = flat[f"{src}attn/v_bias"]
-            out[f"{dst}attn.qkv.weight"] = torch_stacked(f"{src}attn/qkv/kernel")
-        else:
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                out[f"{dst}attn.{proj}.weight"] = torch_linear(f"{src}attn/{proj}/kernel")
-            out[f"{dst}attn.q_proj.bias"] = flat[f"{src}attn/q_proj/bias"]
-            out[f"{dst}attn.v_proj.bias"] = flat[f"{src}attn/v_proj/bias"]
-        out[f"{dst}attn.proj.weight"] = torch_linear(f"{src}attn/proj/kernel")
-        out[f"{dst}attn.proj.bias"] = flat[f"{src}attn/proj/bias"]
-        if model.scale_mlp:
-            for fc in ("fc1_g", "fc1_x"):
-                out[f"{dst}mlp.{fc}.weight"] = torch_linear(f"{src}mlp/{fc}/kernel")
-                out[f"{dst}mlp.{fc}.bias"] = flat[f"{src}mlp/{fc}/bias"]
-            out[f"{dst}mlp.norm.weight"] = flat[f"{src}mlp/norm/scale"]
-            out[f"{dst}mlp.norm.bias"] = flat[f"{src}mlp/norm/bias"]
-        else:
-            out[f"{dst}mlp.fc1.weight"] = torch_stacked(f"{src}mlp/fc1/kernel")
-            out[f"{dst}mlp.fc1.bias"] = flat[f"{src}mlp/fc1/bias"].reshape(-1)
-        out[f"{dst}mlp.fc2.weight"] = torch_linear(f"{src}mlp/fc2/kernel")
-        out[f"{dst}mlp.fc2.bias"] = flat[f"{src}mlp/fc2/bias"]
-    out["fc_norm.weight"] = flat["fc_norm/scale"]
-    out["fc_norm.bias"] = flat["fc_norm/bias"]
-    out["head.weight"] = torch_linear("head/kernel")
-    out["head.bias"] = flat["head/bias"]
-    return out

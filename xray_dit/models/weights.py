@@ -1,15 +1,17 @@
-"""Reading PyTorch-named state dicts and building Flax param trees from them (shared by all models).
+"""Reading PyTorch-named state dicts and building Flax param trees from them (shared by all converters).
 
-Each model module owns its name map (`dit.py`, `vae.py`, `eva02.py` expose a `from_torch_state_dict`
-function); this file holds the parts they share: reading `.safetensors` / `.npz` files, layout
-conversions (Linear and Conv transposes) and the strict bookkeeping that refuses a file with an
-unmapped, missing or mis-shaped tensor, listing them all.
+Each source format has its converter in `models/convert/` (its name map); this file holds the parts
+they share: reading `.safetensors` / `.npz` files, layout conversions (Linear and Conv transposes),
+params trees in and out, and the strict bookkeeping that refuses a file with an unmapped, missing or
+mis-shaped tensor, listing them all.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
+import jax
 import numpy as np
 from etils import epath
 from flax import traverse_util
@@ -53,6 +55,37 @@ def conv(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0)))
 
 
+def conv_to_torch(kernel: np.ndarray) -> np.ndarray:
+    """Flax Conv kernel (kH, kW, I, O) → PyTorch Conv2d weight (O, I, kH, kW); the inverse of `conv`."""
+    return np.ascontiguousarray(np.transpose(np.asarray(kernel), (3, 2, 0, 1)))
+
+
+def params_tree(params: Mapping[str, Any]) -> dict:
+    """The bare params tree, unboxed, from `{'params': tree}` or the tree itself (boxed or not)."""
+    tree = nn.meta.unbox(dict(params))
+    return tree["params"] if set(tree) == {"params"} else tree
+
+
+def flat_params(params: Mapping[str, Any], expected: Mapping[str, Any] | None = None,
+                what: str = "this model") -> dict[str, Any]:
+    """`params_tree(params)` as {'a/b/c': leaf}. With `expected` (e.g. `factory.abstract_params(model)`),
+    raises ValueError naming every leaf that is missing, extra or of another shape."""
+    flat = traverse_util.flatten_dict(params_tree(params), sep="/")
+    if expected is not None:
+        want = traverse_util.flatten_dict(params_tree(expected), sep="/")
+        wrong = sorted(k for k in set(flat) | set(want)
+                       if k not in flat or k not in want or np.shape(flat[k]) != tuple(want[k].shape))
+        if wrong:
+            raise ValueError(f"params do not belong to {what} ({len(wrong)} missing, extra or mis-shaped "
+                             f"leaves): {', '.join(wrong)}")
+    return flat
+
+
+def as_numpy(tree: Any, dtype: Any) -> Any:
+    """Every leaf as a numpy array of `dtype` (the model's param dtype)."""
+    return jax.tree.map(lambda v: np.asarray(v, dtype=dtype), tree)
+
+
 class StateDictReader:
     """Hands out tensors by PyTorch name and remembers which were used.
 
@@ -79,7 +112,7 @@ class StateDictReader:
         return transform(value) if transform else value
 
     def finish(self, params: Mapping[str, Any], expected: Mapping[str, Any] | None = None) -> dict:
-        """Checks completeness (and shapes against `expected`, e.g. `jax.eval_shape(model.init...)`)."""
+        """Checks completeness (and shapes against `expected`, e.g. `factory.abstract_params(model)` unboxed)."""
         problems = []
         unused = sorted(set(self.state_dict) - self.used)
         if unused:

@@ -11,10 +11,10 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from xray_dit import checkpoint, sharding
 from xray_dit.data import pipeline
 from xray_dit.data import synthetic as synthetic_lib
-from xray_dit.train import eval_pass, model_factory
+from xray_dit.models import factory
+from xray_dit.train import eval_pass
 
 
 @dataclasses.dataclass
@@ -76,12 +76,7 @@ class ClassifierProbe:
         baseline = results["01_baseline"]["runs"]
         first = baseline[sorted(baseline, key=int)[0]]
         export = epath.Path(first["workdir"]) / "best"
-        info = checkpoint.load_export_info(export)
-        self.model = model_factory.model_from_info(info)
-        size = self.model.img_size if isinstance(self.model.img_size, int) else self.model.img_size[0]
-        abstract = sharding.unbox(jax.eval_shape(
-            lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))))["params"]
-        self.params, _ = checkpoint.load_export(export, abstract, kind="eva02")
+        self.model, self.params, info = factory.load_export(export, kind="eva02")
         self.class_names = list(info["class_names"])
         self.source = str(export)
         model = self.model

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from xray_dit import generate as generation
 from xray_dit.study.context import StudyContext
 from xray_dit.train import classifier as classifier_trainer
 from xray_dit.train import dit as dit_trainer
-from xray_dit.train import sample as sample_task
 from xray_dit.train import vae as vae_trainer
 
 
@@ -41,8 +41,8 @@ def generate(context: StudyContext) -> dict:
     config = context.with_seed(context.config.seed)
     config.sample.num_images = int(context.config.study.num_synthetic)
     config.sample.class_name = context.config.data.target_class
-    return sample_task.generate(config, context.phase_dir("04_generate"), dit_dir=context.results["03_dit"]["export"],
-                           out_dir=str(context.phase_dir("04_generate") / "samples"), mesh=context.mesh)
+    return generation.sample(config, context.phase_dir("04_generate"), dit_dir=context.results["03_dit"]["export"],
+                             out_dir=str(context.phase_dir("04_generate") / "samples"), mesh=context.mesh)
 
 
 def arms(context: StudyContext) -> list[dict]:

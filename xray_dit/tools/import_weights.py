@@ -22,13 +22,12 @@ import jax
 from absl import app, flags, logging
 
 from xray_dit import checkpoint
+from xray_dit.models import convert, factory, weights
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import vae as vae_lib
-from xray_dit.models import weights
-from xray_dit.train import model_factory
 
-_KIND = flags.DEFINE_enum("kind", None, ["dit", "vae", "eva02"], "Which model the weights are for.")
+_KIND = flags.DEFINE_enum("kind", None, sorted(convert.BY_KIND), "Which model the weights are for.")
 _SRC = flags.DEFINE_string("src", None, "The state dict: .safetensors or .npz, PyTorch names.")
 _OUT = flags.DEFINE_string("out", None, "Folder for the export (params/ + model.json).")
 _MODEL = flags.DEFINE_string("model", None, "dit: DiT-XL/2 …; vae: a preset (sd-vae-gray, sd-vae-ft-mse, …); "
@@ -56,14 +55,8 @@ def import_weights(kind: str, src: str, out: str, *, model_name: str | None = No
     """Reads `src`, maps it onto the model (refusing any mismatch), writes the export; returns its info."""
     model_name = model_name or DEFAULT_MODEL[kind]
     model = build_model(kind, model_name, image_size=image_size, num_classes=num_classes, in_channels=in_channels)
-    state_dict = weights.load_state_dict(src)
-    if kind == "dit":
-        params = dit_lib.from_torch_state_dict(state_dict, model, source=src)["params"]
-    elif kind == "vae":
-        params = vae_lib.from_diffusers_state_dict(state_dict, model, source=src)["params"]
-    else:
-        params = eva02_lib.from_timm_state_dict(state_dict, model, source=src)
-    info = {"kind": kind, "model": model_factory.model_fields(model), "source": str(src), "name": model_name}
+    params = convert.BY_KIND[kind].from_state_dict(weights.load_state_dict(src), model, source=src)
+    info = {"kind": kind, "model": factory.model_fields(model), "source": str(src), "name": model_name}
     if kind == "vae":
         info["scaling_factor"] = float(model.scaling_factor)
     checkpoint.save_export(out, jax.tree.map(jax.numpy.asarray, params), info)

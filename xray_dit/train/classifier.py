@@ -11,6 +11,7 @@ nothing else: no threshold, no model selection.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -26,7 +27,8 @@ from xray_dit import checkpoint, sharding
 from xray_dit.data import pipeline, prepared
 from xray_dit.evaluation import classification, plots
 from xray_dit.models import eva02 as eva02_lib
-from xray_dit.train import eval_pass, loop, model_factory
+from xray_dit.models import factory
+from xray_dit.train import eval_pass, loop
 
 MAX_POS_WEIGHT = 50.0
 
@@ -67,8 +69,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
     directory = prepared.ensure_prepared(config, workdir)
     class_names = tuple(config.data.labels)
-    model = model_factory.classifier_from_config(config, num_classes=len(class_names))
-    size = int(config.data.image_size)
+    model = factory.classifier_from_config(config, num_classes=len(class_names))
 
     train_table = pipeline.metadata_table(config.data, "train", data_dir=directory)
     columns = train_table.label_columns(class_names)
@@ -79,19 +80,16 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     elif cfg.pos_weight:
         raise ValueError(f"classifier.pos_weight must be '' or 'balanced', got {cfg.pos_weight!r}")
 
-    def init_params(rng):
-        return model.init(rng, jnp.zeros((1, size, size, 1)))["params"]
-
     def loss_fn(params, batch, rng, step):
         del step
         logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
         loss = bce_loss(logits, batch["labels"], batch["label_mask"], pos_weight)
         return loss, {"bce": loss}
 
-    abstract = sharding.unbox(jax.eval_shape(init_params, jax.random.PRNGKey(0)))
+    abstract = sharding.unbox(factory.abstract_params(model))
     initial = None
     if cfg.init_from:
-        initial, info = checkpoint.load_export(cfg.init_from, abstract, kind="eva02")
+        _, initial, info = factory.load_export(cfg.init_from, kind="eva02", model=model)
         logging.info("classifier: starting from %s (%s)", cfg.init_from, info.get("source", "?"))
     multipliers = layer_decay_multipliers(abstract, model.depth, cfg.layer_decay) if cfg.layer_decay < 1 else None
 
@@ -126,7 +124,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
                             "defined, the latest parameters are kept as the best", cfg.select_metric)
         improves = np.isfinite(value) and (best is None or not np.isfinite(best["value"]) or value > best["value"])
         if improves or (best is None or not np.isfinite(best["value"])):
-            checkpoint.save_export(best_dir, params, {"kind": "eva02", "model": model_factory.model_fields(model),
+            checkpoint.save_export(best_dir, params, {"kind": "eva02", "model": factory.model_fields(model),
                                                       "class_names": list(class_names), "step": step})
             best_validation.clear()
             best_validation[step] = out
@@ -134,8 +132,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
                 best_info_path.write_text(json.dumps({"metric": cfg.select_metric, "value": value, "step": step}))
         return metrics
 
-    task = loop.TrainTask(name="classifier", init_params=init_params, loss_fn=loss_fn, train=train_cfg, data=data,
-                          evaluate=evaluate, initial_params=initial, lr_multipliers=multipliers)
+    task = loop.TrainTask(name="classifier", init_params=functools.partial(factory.init_params, model),
+                          loss_fn=loss_fn, train=train_cfg, data=data, evaluate=evaluate,
+                          initial_params=initial, lr_multipliers=multipliers)
     state = loop.train(config, workdir, task, mesh=mesh)
 
     # ---- Final evaluation with the best validation parameters ----------------------------------------
@@ -183,11 +182,6 @@ def evaluate_on_test(config, workdir, predictions, params, class_names, director
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     logging.info("classifier test AUC: %s", {k: round(v, 4) for k, v in test_aucs.items()})
     return results
-
-
-def features_fn(model):
-    """jit-able (params, images) → the classifier's pooled features (its feature space for the study)."""
-    return jax.jit(lambda params, images: model.apply({"params": params}, images, method=model.features))
 
 
 def run(config, workdir):

@@ -7,9 +7,9 @@ dataset, split, class filter, scaling factor) matches, and rebuilt otherwise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from typing import Any
 
 import flax.linen as nn
 import grain
@@ -20,44 +20,20 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from xray_dit import checkpoint, sharding
+from xray_dit import checkpoint, generate, sharding
 from xray_dit.data import prepared
-from xray_dit.diffusion import losses, samplers, schedules
+from xray_dit.diffusion import losses, schedules
 from xray_dit.evaluation import plots
-from xray_dit.train import eval_pass, loop, model_factory
+from xray_dit.models import factory
+from xray_dit.train import eval_pass, loop
 
 CACHE_FILE = "latents.array_record"
 CACHE_INFO = "latents.json"
 
 
 # --------------------------------------------------------------------------------------------------
-# The VAE and the latent cache
+# The latent cache
 # --------------------------------------------------------------------------------------------------
-def restore_target(boxed_abstract: Any, mesh, config: ml_collections.ConfigDict) -> Any:
-    """Shapes and dtypes of `jax.eval_shape(model.init)["params"]`, placed by their logical axes on `mesh`
-    (None: the config's mesh).
-
-    Without shardings Orbax restores onto the devices the export was saved from (device 0 of the run
-    that trained it), which a jitted call on another mesh refuses.
-    """
-    shardings = sharding.logical_to_shardings(boxed_abstract, mesh or sharding.make_mesh(config.mesh.shape),
-                                              sharding.axis_rules(config.mesh.rules))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        sharding.unbox(boxed_abstract), shardings)
-
-
-def load_vae(vae_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
-    """(model, params on `mesh`, scaling_factor) of a VAE export, computing in the configured dtype."""
-    info = checkpoint.load_export_info(vae_dir)
-    model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
-                                          attention_impl="xla")  # see model_factory.vae_from_config
-    abstract = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, model.downsample_factor, model.downsample_factor, model.in_channels)),
-        sample_posterior=False))["params"]
-    params, info = checkpoint.load_export(vae_dir, restore_target(abstract, mesh, config), kind="vae")
-    return model, params, float(info.get("scaling_factor", model.scaling_factor))
-
-
 def _files_under(directory: epath.Path):
     for path in directory.iterdir():   # epath refuses `**` globs (slow on GCS); exports are a few files
         yield from _files_under(path) if path.is_dir() else (path,)
@@ -92,7 +68,7 @@ def build_latent_cache(config: ml_collections.ConfigDict, workdir: epath.Path, v
             return cache_dir, info
         logging.warning("latent cache in %s was made from other inputs; rebuilding it", cache_dir)
 
-    model, params, scale = load_vae(vae_dir, config, mesh=mesh)
+    model, params, scale = generate.load_vae(vae_dir, config, mesh=mesh)
     directory = prepared.ensure_prepared(config, workdir)
 
     @jax.jit
@@ -157,9 +133,10 @@ def latent_dataset(cache_dir: epath.Path, info: dict, *, batch_size: int, seed: 
 
 
 # --------------------------------------------------------------------------------------------------
-# Loss and sampling
+# Loss
 # --------------------------------------------------------------------------------------------------
 def make_loss_fn(model, schedule: schedules.Schedule, scale: float):
+    """The loop's loss: a fresh posterior sample of each cached latent, then `losses.training_losses`."""
     num_steps = schedule.num_steps
 
     def loss_fn(params, batch, rng, step):
@@ -169,40 +146,15 @@ def make_loss_fn(model, schedule: schedules.Schedule, scale: float):
         latents = nn.with_logical_constraint(latents, ("act_batch", "act_height", "act_width", "act_channels"))
         t = jax.random.randint(t_key, (latents.shape[0],), 0, num_steps)
         noise = jax.random.normal(noise_key, latents.shape)
-        x_t = losses.q_sample(schedule, latents, t, noise)
         y = batch["label"] if model.num_classes > 0 else None
-        out = model.apply({"params": params}, x_t, t, y, train=True, rngs={"label_dropout": drop_key})
-        terms = losses.hybrid_loss(schedule, out.astype(jnp.float32), latents, x_t, t, noise)
+
+        def model_fn(x_t, timesteps):
+            out = model.apply({"params": params}, x_t, timesteps, y, train=True, rngs={"label_dropout": drop_key})
+            return out.astype(jnp.float32)
+        terms = losses.training_losses(model_fn, schedule, latents, t, noise)
         return jnp.mean(terms.loss), {"mse": jnp.mean(terms.mse), "vb": jnp.mean(terms.vb)}
 
     return loss_fn
-
-
-def make_sampler(model, vae, schedule: schedules.Schedule, *, sampler: str, num_steps: int, eta: float = 0.0,
-                 guidance_scale: float = 1.0, scale: float):
-    """jit-able (dit_params, vae_params, noise, labels, key) → images in [-1, 1] (N, H, W, 1)."""
-    spaced = schedules.respace(schedule, num_steps if sampler == "ddpm" else f"ddim{num_steps}")
-    guided = guidance_scale != 1.0
-    if guided and model.num_classes == 0:
-        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional DiT; this one is "
-                         "unconditional (train with dit.class_conditional=True, or set guidance_scale=1)")
-
-    def generate(dit_params, vae_params, noise, labels, key):
-        def eps_fn(x, t, y):
-            return model.apply({"params": dit_params}, x, t, y).astype(jnp.float32)
-        y = labels if model.num_classes > 0 else None
-        kwargs = dict(y=y, guidance_scale=guidance_scale if guided else None,
-                      null_label=model.num_classes if guided else None)
-        if sampler == "ddim":
-            latents = samplers.sample_ddim(eps_fn, spaced, noise, key, eta=eta, **kwargs)
-        elif sampler == "ddpm":
-            latents = samplers.sample_ddpm(eps_fn, spaced, noise, key, **kwargs)
-        else:
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-        images = vae.apply({"params": vae_params}, latents / scale, method=vae.decode)
-        return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
-
-    return generate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,16 +175,16 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
     cache_dir, cache = build_latent_cache(config, workdir, vae_dir, mesh=mesh, class_names=class_names,
                                           only_class=only_class)
     height, width, channels = cache["latent_shape"]
-    model = model_factory.dit_from_config(config, latent_size=height, latent_channels=channels,
-                                          num_classes=len(class_names))
+    model = factory.dit_from_config(config, latent_size=height, latent_channels=channels,
+                                    num_classes=len(class_names))
     schedule = schedules.make_schedule(config.dit.noise_schedule, config.dit.diffusion_steps)
     scale = cache["scaling_factor"]
     train_cfg = config.dit.train
     data = iter(latent_dataset(cache_dir, cache, batch_size=int(train_cfg.batch_size), seed=int(config.seed)))
-    vae, vae_params, _ = load_vae(vae_dir, config, mesh=mesh)
-    grid_sampler = jax.jit(make_sampler(model, vae, schedule, sampler=config.sample.sampler,
-                                        num_steps=int(config.sample.num_steps), eta=float(config.sample.eta),
-                                        scale=scale))
+    vae, vae_params, _ = generate.load_vae(vae_dir, config, mesh=mesh)
+    grid_sampler = jax.jit(generate.make_sampler(
+        model, vae, schedule, sampler=config.sample.sampler, num_steps=int(config.sample.num_steps),
+        eta=float(config.sample.eta), scale=scale))
     grid_noise = jax.random.normal(jax.random.PRNGKey(1234), (16, height, width, channels))
     grid_labels = jnp.full((16,), class_names.index(target) if class_names else 0, jnp.int32)
 
@@ -247,12 +199,11 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
 
     task = loop.TrainTask(
         name="dit",
-        init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)), jnp.zeros((1,), jnp.int32),
-                                           jnp.zeros((1,), jnp.int32) if model.num_classes else None)["params"],
+        init_params=functools.partial(factory.init_params, model),
         loss_fn=make_loss_fn(model, schedule, scale), train=train_cfg, data=data, evaluate=sample_grid)
     state = loop.train(config, workdir, task, mesh=mesh)
     params = state.get("ema_params", state["params"])
-    info = {"kind": "dit", "model": model_factory.model_fields(model), "vae_dir": str(vae_dir),
+    info = {"kind": "dit", "model": factory.model_fields(model), "vae_dir": str(vae_dir),
             "scaling_factor": scale, "noise_schedule": config.dit.noise_schedule,
             "diffusion_steps": int(config.dit.diffusion_steps), "class_names": list(class_names),
             "target_class": target, "trained_steps": int(state["step"]), "weights": "ema" if "ema_params" in state else "raw"}

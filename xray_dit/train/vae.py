@@ -25,7 +25,8 @@ from xray_dit import checkpoint, metric_writer, sharding
 from xray_dit.data import pipeline, prepared
 from xray_dit.evaluation import ctr_oracle, plots, synthesis
 from xray_dit.models import vae as vae_lib
-from xray_dit.train import eval_pass, loop, model_factory
+from xray_dit.models import factory
+from xray_dit.train import eval_pass, loop
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,24 +102,22 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
     cfg = config.vae
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
     directory = prepared.ensure_prepared(config, workdir)
-    model = model_factory.vae_from_config(config)
+    model = factory.vae_from_config(config)
     size = int(config.data.image_size)
     use_gan = int(cfg.gan_start_step) >= 0
     disc = vae_lib.PatchDiscriminator(dtype=model.dtype) if use_gan else None
-    example = jnp.zeros((1, size, size, 1))
 
     def init_params(rng):
         vae_rng, disc_rng = jax.random.split(rng)
-        params = {"vae": model.init(vae_rng, example, sample_posterior=False)["params"]}
+        params = {"vae": factory.init_params(model, vae_rng)}
         if disc is not None:
-            params["disc"] = disc.init(disc_rng, example)["params"]
+            params["disc"] = disc.init(disc_rng, jnp.zeros((1, size, size, 1)))["params"]
         return params
 
     initial = None
     if cfg.init_from:
-        abstract = sharding.unbox(jax.eval_shape(init_params, jax.random.PRNGKey(0)))
-        vae_params, info = checkpoint.load_export(cfg.init_from, abstract["vae"], kind="vae")
-        initial = dict(abstract, vae=vae_params)
+        _, vae_params, info = factory.load_export(cfg.init_from, kind="vae", model=model)
+        initial = {"vae": vae_params}
         if disc is not None:
             initial["disc"] = sharding.unbox(jax.jit(init_params)(jax.random.PRNGKey(1)))["disc"]
         logging.info("VAE: fine-tuning from %s (%s)", cfg.init_from, info.get("source", "?"))
@@ -159,7 +158,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=No
     # The loop evaluated the final parameters already (also after a resume of a finished run).
     final = {k: v for k, v in latest_eval.items() if k != "step"}
     scale = latent_scaling_factor(model, state["params"], config, directory, mesh, batch_size=eval_bs)
-    info = {"kind": "vae", "model": model_factory.model_fields(model), "scaling_factor": scale,
+    info = {"kind": "vae", "model": factory.model_fields(model), "scaling_factor": scale,
             "trained_steps": int(state["step"]), "init_from": cfg.init_from, "eval": final}
     checkpoint.save_export(checkpoint.export_dir(workdir), state["params"]["vae"], info)
     if jax.process_index() == 0:

@@ -1,5 +1,9 @@
-"""Task `sample`: N images of one class from a trained DiT (EMA) + its VAE, as PNGs + manifest.csv.
+"""Generation: a trained DiT's latents decoded by its VAE, and the task `sample` that writes them as PNGs.
 
+`make_sampler` is the jit-able DiT → VAE-decode function (the DiT trainer draws its sample grids with it
+too); `load_vae` reads a VAE export onto a mesh in the run's compute dtype.
+
+Task `sample`: N images of one class from a trained DiT (EMA) + its VAE, as PNGs + manifest.csv.
 Batches are sharded over all devices. Image i of batch b comes from `fold_in(PRNGKey(seed), b)`, so the
 output is reproducible from the seed, independent of how the run was interrupted. Each batch's PNGs are
 written (atomically, file by file) before the manifest is rewritten to include them; a rerun skips
@@ -20,30 +24,59 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from xray_dit import checkpoint, sharding
+from xray_dit import sharding
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.data.builders import common as builder_common
-from xray_dit.diffusion import schedules
-from xray_dit.train import dit as dit_trainer
-from xray_dit.train import model_factory
+from xray_dit.diffusion import samplers, schedules
+from xray_dit.models import factory
 
 
 class OutOfSpaceError(OSError):
     """The sample folder's disk (or quota) is full: free space and rerun; finished batches are kept."""
 
 
-def load_dit(dit_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
-    info = checkpoint.load_export_info(dit_dir)
-    model = model_factory.model_from_info(info, dtype=model_factory.dtype_from_name(config.compute_dtype),
-                                          attention_impl=model_factory.attention_impl(config))
-    size, channels = model.input_size, model.in_channels
-    abstract = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1,), jnp.int32) if model.num_classes else None))["params"]
-    params, info = checkpoint.load_export(dit_dir, dit_trainer.restore_target(abstract, mesh, config), kind="dit")
-    return model, params, info
+# --------------------------------------------------------------------------------------------------
+# DiT latents → VAE images
+# --------------------------------------------------------------------------------------------------
+def load_vae(vae_dir: str | epath.PathLike, config: ml_collections.ConfigDict, *, mesh=None):
+    """(model, params on `mesh` (None: the config's), scaling_factor) of a VAE export, computing in the
+    configured dtype."""
+    model, params, info = factory.load_export(
+        vae_dir, mesh or sharding.make_mesh(config.mesh.shape), rules=config.mesh.rules, kind="vae",
+        dtype=factory.dtype_from_name(config.compute_dtype), attention_impl="xla")  # see factory.vae_from_config
+    return model, params, float(info.get("scaling_factor", model.scaling_factor))
 
 
+def make_sampler(model, vae, schedule: schedules.Schedule, *, sampler: str, num_steps: int, eta: float = 0.0,
+                 guidance_scale: float = 1.0, scale: float):
+    """jit-able (dit_params, vae_params, noise, labels, key) → images in [-1, 1] (N, H, W, 1)."""
+    spaced = schedules.respace(schedule, num_steps if sampler == "ddpm" else f"ddim{num_steps}")
+    guided = guidance_scale != 1.0
+    if guided and model.num_classes == 0:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional DiT; this one is "
+                         "unconditional (train with dit.class_conditional=True, or set guidance_scale=1)")
+
+    def draw(dit_params, vae_params, noise, labels, key):
+        def eps_fn(x, t, y):
+            return model.apply({"params": dit_params}, x, t, y).astype(jnp.float32)
+        y = labels if model.num_classes > 0 else None
+        kwargs = dict(y=y, guidance_scale=guidance_scale if guided else None,
+                      null_label=model.num_classes if guided else None)
+        if sampler == "ddim":
+            latents = samplers.sample_ddim(eps_fn, spaced, noise, key, eta=eta, **kwargs)
+        elif sampler == "ddpm":
+            latents = samplers.sample_ddpm(eps_fn, spaced, noise, key, **kwargs)
+        else:
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        images = vae.apply({"params": vae_params}, latents / scale, method=vae.decode)
+        return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+    return draw
+
+
+# --------------------------------------------------------------------------------------------------
+# The task's files
+# --------------------------------------------------------------------------------------------------
 def _replace_atomically(path: epath.Path, write) -> None:
     """`write(partial)` then rename onto `path` (epath's replace: also on gs://); a failed write leaves no
     half-written partial file behind to puzzle whoever looks at the folder."""
@@ -87,8 +120,23 @@ def _write_batch(out: epath.Path, files: list[str], pixels: np.ndarray | None, r
             f"generation resumes at batch {batch}.") from e
 
 
-def generate(config: ml_collections.ConfigDict, workdir: epath.Path, *, dit_dir: str | None = None,
-             out_dir: str | None = None, mesh=None) -> dict:
+# --------------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------------
+def _class_label(info: dict, class_name: str) -> int:
+    """The DiT's label of `class_name` (0 for an unconditional DiT); a class it did not learn is refused."""
+    class_names = info.get("class_names") or []
+    if class_names and class_name not in class_names:
+        raise ValueError(f"sample.class_name {class_name!r} is not one the DiT was trained on: {class_names}")
+    if not class_names and class_name != info.get("target_class"):
+        raise ValueError(f"this DiT is unconditional and learned only {info.get('target_class')!r}; "
+                         f"sample.class_name={class_name!r} cannot be generated with it")
+    return class_names.index(class_name) if class_names else 0
+
+
+def sample(config: ml_collections.ConfigDict, workdir: epath.Path, *, dit_dir: str | None = None,
+           out_dir: str | None = None, mesh=None) -> dict:
+    """Writes `sample.num_images` PNGs of `sample.class_name` and their manifest; returns a summary."""
     workdir = epath.Path(workdir)
     s = config.sample
     dit_dir = dit_dir or s.dit_dir
@@ -97,18 +145,14 @@ def generate(config: ml_collections.ConfigDict, workdir: epath.Path, *, dit_dir:
                          "train_dit run")
     out = epath.Path(out_dir or s.out_dir or workdir / "samples")
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
-    model, dit_params, info = load_dit(dit_dir, config, mesh=mesh)
-    vae, vae_params, scale = dit_trainer.load_vae(info["vae_dir"], config, mesh=mesh)
-    class_names = info.get("class_names") or []
-    if class_names and s.class_name not in class_names:
-        raise ValueError(f"sample.class_name {s.class_name!r} is not one the DiT was trained on: {class_names}")
-    if not class_names and s.class_name != info.get("target_class"):
-        raise ValueError(f"this DiT is unconditional and learned only {info.get('target_class')!r}; "
-                         f"sample.class_name={s.class_name!r} cannot be generated with it")
-    label = class_names.index(s.class_name) if class_names else 0
+    model, dit_params, info = factory.load_export(dit_dir, mesh, rules=config.mesh.rules, kind="dit",
+                                                  dtype=factory.dtype_from_name(config.compute_dtype),
+                                                  attention_impl=factory.attention_impl(config))
+    vae, vae_params, scale = load_vae(info["vae_dir"], config, mesh=mesh)
+    label = _class_label(info, s.class_name)
     schedule = schedules.make_schedule(info["noise_schedule"], int(info["diffusion_steps"]))
-    sampler = dit_trainer.make_sampler(model, vae, schedule, sampler=s.sampler, num_steps=int(s.num_steps),
-                                       eta=float(s.eta), guidance_scale=float(s.guidance_scale), scale=scale)
+    sampler = make_sampler(model, vae, schedule, sampler=s.sampler, num_steps=int(s.num_steps),
+                           eta=float(s.eta), guidance_scale=float(s.guidance_scale), scale=scale)
     batch_sharding = sharding.batch_sharding(mesh, 4)
     generate_batch = jax.jit(sampler, out_shardings=batch_sharding)
 
@@ -145,4 +189,4 @@ def generate(config: ml_collections.ConfigDict, workdir: epath.Path, *, dit_dir:
 
 
 def run(config, workdir):
-    return generate(config, workdir)
+    return sample(config, workdir)

@@ -1,19 +1,22 @@
-"""Models from configs, and back: the fields that rebuild a model are stored with every export.
+"""Models from configs; their parameters, fresh or from an export, the same way for every kind.
 
 An export (`checkpoint.save_export`) carries `info["model"]`, the model's constructor fields, so a later
 task (the DiT reading the VAE, `sample` reading the DiT) rebuilds exactly the trained architecture
-without needing the config of the run that trained it.
+without needing the config of the run that trained it (`load_export`). `init_params` / `abstract_params`
+are the one place that knows which example inputs each kind's `init` needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
+from xray_dit import checkpoint, sharding
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import vae as vae_lib
@@ -21,6 +24,78 @@ from xray_dit.models import vae as vae_lib
 KINDS = {"dit": dit_lib.DiT, "vae": vae_lib.AutoencoderKL, "eva02": eva02_lib.Eva02}
 
 
+# --------------------------------------------------------------------------------------------------
+# Parameters: fresh, abstract, or from an export
+# --------------------------------------------------------------------------------------------------
+def _dit_inputs(model: dit_lib.DiT) -> tuple[tuple, dict]:
+    x = jnp.zeros((1, model.input_size, model.input_size, model.in_channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    return (x, t, t if model.num_classes > 0 else None), {}
+
+
+def _vae_inputs(model: vae_lib.AutoencoderKL) -> tuple[tuple, dict]:
+    # Conv weights do not depend on the image size: the smallest image the encoder takes will do.
+    size = model.downsample_factor
+    return (jnp.zeros((1, size, size, model.in_channels), jnp.float32),), {"sample_posterior": False}
+
+
+def _eva02_inputs(model: eva02_lib.Eva02) -> tuple[tuple, dict]:
+    height, width = (g * model.patch_size for g in model.grid)   # the position embedding fixes the size
+    return (jnp.zeros((1, height, width, model.in_channels), jnp.float32),), {}
+
+
+# kind → the (args, kwargs) of `model.init` after the rng: one example of the model's inputs.
+EXAMPLE_INPUTS: dict[str, Callable[[Any], tuple[tuple, dict]]] = {
+    "dit": _dit_inputs, "vae": _vae_inputs, "eva02": _eva02_inputs}
+
+
+def kind_of(model) -> str:
+    for kind, cls in KINDS.items():
+        if isinstance(model, cls):
+            return kind
+    raise TypeError(f"{type(model).__name__} is not a model kind the factory knows; expected one of "
+                    f"{sorted(KINDS)}")
+
+
+def init_params(model, rng: jax.Array) -> Any:
+    """Fresh parameters (the "params" collection), still boxed with their logical axis names, so that
+    `jax.eval_shape` of it gives the shardings (`sharding.logical_to_shardings`). jit-able."""
+    args, kwargs = EXAMPLE_INPUTS[kind_of(model)](model)
+    return model.init(rng, *args, **kwargs)["params"]
+
+
+def abstract_params(model) -> Any:
+    """`init_params`' shapes and dtypes (boxed with logical names) without computing or allocating them."""
+    return jax.eval_shape(lambda rng: init_params(model, rng), jax.random.key(0))
+
+
+def load_export(directory: str | epath.PathLike, mesh: jax.sharding.Mesh | None = None, *, rules=None,
+                kind: str | None = None, model=None, **overrides) -> tuple[Any, Any, dict]:
+    """(model, params, info) of an export (`checkpoint.save_export`'s layout).
+
+    The model is rebuilt from the export's model.json with `overrides` (e.g. this run's compute `dtype`),
+    unless `model` is given: then the params must fit that model. With a `mesh` the params are placed on
+    it by their logical axes under `rules` (`config.mesh.rules`; a jitted call on that mesh takes them as
+    they are); without one they are
+    restored as Orbax places them. `kind` refuses an export of another kind.
+    """
+    info = checkpoint.load_export_info(directory)
+    if model is None:
+        model = model_from_info(info, **overrides)
+    abstract = abstract_params(model)
+    target = sharding.unbox(abstract)
+    if mesh is not None:
+        if rules is None:
+            raise ValueError("load_export on a mesh needs the logical-axis rules (config.mesh.rules)")
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
+                              sharding.logical_to_shardings(abstract, mesh, sharding.axis_rules(rules)))
+    params, info = checkpoint.load_export(directory, target, kind=kind)
+    return model, params, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Models from configs and from exports
+# --------------------------------------------------------------------------------------------------
 def dtype_from_name(name: str) -> Any:
     if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {name!r}")

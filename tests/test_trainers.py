@@ -134,6 +134,10 @@ def test_study_variants_start_from_imported_weights_and_a_missing_import_stops_a
     config.task = "train_classifier"
     with pytest.raises(ValueError, match="no imported weights there"):
         classifier.train_classifier(config, tmp_path / "work")
+    (tmp_path / "weights" / variant / "params").mkdir(parents=True)
+    (tmp_path / "weights" / variant / "model.json").write_text(json.dumps({"kind": "dit"}))
+    with pytest.raises(ValueError, match="holds 'dit' weights.*--kind="):
+        classifier.check_init_from(config)
     with pytest.raises(ValueError, match="resnet50.*pretrained_vit"):
         study.get_config("vit")
 

@@ -69,15 +69,20 @@ def export_tree(variables: dict) -> Any:
 
 
 def variables_from_export(tree: Any, model_state_names) -> dict:
+    """The inverse of `export_tree`, given the model's state collections (none: the tree is the params)."""
     return dict(tree) if model_state_names else {"params": tree}
+
+
+def _weights_kind(config: ml_collections.ConfigDict) -> str:
+    return "resnet" if config.classifier.model in resnet_lib.RESNET_SIZES else "eva02"
 
 
 def import_command(config: ml_collections.ConfigDict) -> str:
     """The command that writes the export `classifier.init_from` names, for the configured model."""
     c = config.classifier
-    resnet = c.model in resnet_lib.RESNET_SIZES
-    source = "<torchvision or timm .pth/.safetensors>" if resnet else "<timm model.safetensors>"
-    return (f"python -m xray_dit.tools.import_weights --kind={'resnet' if resnet else 'eva02'} --model={c.model} "
+    kind = _weights_kind(config)
+    source = "<torchvision or timm .pth/.safetensors>" if kind == "resnet" else "<timm model.safetensors>"
+    return (f"python -m xray_dit.tools.import_weights --kind={kind} --model={c.model} "
             f"--image_size={config.data.image_size} --num_classes={len(config.data.labels)} --src={source} "
             f"--out={c.init_from}")
 
@@ -93,7 +98,7 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
     except FileNotFoundError:
         raise ValueError(f"classifier.init_from={path}: no imported weights there ({path}/{checkpoint.EXPORT_INFO} "
                          f"is missing); create them with: {import_command(config)}") from None
-    kind = "resnet" if config.classifier.model in resnet_lib.RESNET_SIZES else "eva02"
+    kind = _weights_kind(config)
     if info.get("kind") != kind:
         raise ValueError(f"classifier.init_from={path} holds {info.get('kind')!r} weights but classifier.model="
                          f"{config.classifier.model} needs {kind!r} weights; create them with: {import_command(config)}")

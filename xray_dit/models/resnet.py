@@ -90,8 +90,9 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """ResNet classifier on NHWC images of any size (global average pooling before `fc`).
 
-    Methods: `__call__(x, train=False)` → float32 logits (B, num_classes); `features(x, train=False)` →
-    the pooled features (B, widths[-1]·expansion), the classifier's feature space. Calls with
+    Methods: `__call__(x, train=False)` → float32 logits (B, num_classes); `features(x, train=False)` (the
+    same call with `pre_logits=True`) → the pooled features (B, widths[-1]·expansion), the classifier's
+    feature space. Calls with
     mutable=["intermediates"] also return `stem` (after the max-pool) and `layer1`..`layer4`.
     `img_size` is the resolution the model is initialised and exported at; it does not constrain inputs.
     """

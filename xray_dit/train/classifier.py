@@ -101,7 +101,8 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
     kind = _weights_kind(config)
     if info.get("kind") != kind:
         raise ValueError(f"classifier.init_from={path} holds {info.get('kind')!r} weights but classifier.model="
-                         f"{config.classifier.model} needs {kind!r} weights; create them with: {import_command(config)}")
+                         f"{config.classifier.model} needs {kind!r} weights; create them with: "
+                         f"{import_command(config)}")
 
 
 def _evaluated_variables(state: dict) -> dict:
@@ -229,8 +230,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
                 best_info_path.write_text(json.dumps({"metric": cfg.select_metric, "value": value, "step": step}))
         return metrics
 
-    task = loop.TrainTask(name="classifier", init_params=lambda rng: init_variables(rng)["params"], loss_fn=loss_fn,
-                          train=train_cfg, data=data, evaluate=evaluate, initial_params=initial,
+    task = loop.TrainTask(name="classifier", init_params=lambda rng: init_variables(rng)["params"],
+                          loss_fn=loss_fn, train=train_cfg, data=data, evaluate=evaluate, initial_params=initial,
                           lr_multipliers=multipliers, init_model_state=init_model_state if state_names else None,
                           initial_model_state=initial_model_state)
     state = loop.train(config, workdir, task, mesh=mesh)

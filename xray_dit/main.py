@@ -182,6 +182,12 @@ def _check_config(config) -> None:
             factory.check_sizes(config)
         except ValueError as e:
             raise UsageError(f"the config's sizes do not fit together: {e}") from e
+    if config.task in ("train_classifier", "study"):
+        from xray_dit.train import classifier
+        try:
+            classifier.check_init_from(config)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
 
 
 def run(config, workdir: str):

@@ -19,9 +19,10 @@ from etils import epath
 from xray_dit import checkpoint, sharding
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import resnet as resnet_lib
 from xray_dit.models import vae as vae_lib
 
-KINDS = {"dit": dit_lib.DiT, "vae": vae_lib.AutoencoderKL, "eva02": eva02_lib.Eva02}
+KINDS = {"dit": dit_lib.DiT, "vae": vae_lib.AutoencoderKL, "eva02": eva02_lib.Eva02, "resnet": resnet_lib.ResNet}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,9 +45,14 @@ def _eva02_inputs(model: eva02_lib.Eva02) -> tuple[tuple, dict]:
     return (jnp.zeros((1, height, width, model.in_channels), jnp.float32),), {}
 
 
+def _resnet_inputs(model: resnet_lib.ResNet) -> tuple[tuple, dict]:
+    size = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
+    return (jnp.zeros((1, size, size, model.in_channels), jnp.float32),), {}
+
+
 # kind → the (args, kwargs) of `model.init` after the rng: one example of the model's inputs.
 EXAMPLE_INPUTS: dict[str, Callable[[Any], tuple[tuple, dict]]] = {
-    "dit": _dit_inputs, "vae": _vae_inputs, "eva02": _eva02_inputs}
+    "dit": _dit_inputs, "vae": _vae_inputs, "eva02": _eva02_inputs, "resnet": _resnet_inputs}
 
 
 def kind_of(model) -> str:
@@ -57,11 +63,16 @@ def kind_of(model) -> str:
                     f"{sorted(KINDS)}")
 
 
+def init_variables(model, rng: jax.Array) -> dict:
+    """Every fresh variable collection ("params", and e.g. BatchNorm's "batch_stats"). jit-able."""
+    args, kwargs = EXAMPLE_INPUTS[kind_of(model)](model)
+    return dict(model.init(rng, *args, **kwargs))
+
+
 def init_params(model, rng: jax.Array) -> Any:
     """Fresh parameters (the "params" collection), still boxed with their logical axis names, so that
     `jax.eval_shape` of it gives the shardings (`sharding.logical_to_shardings`). jit-able."""
-    args, kwargs = EXAMPLE_INPUTS[kind_of(model)](model)
-    return model.init(rng, *args, **kwargs)["params"]
+    return init_variables(model, rng)["params"]
 
 
 def abstract_params(model) -> Any:
@@ -69,9 +80,21 @@ def abstract_params(model) -> Any:
     return jax.eval_shape(lambda rng: init_params(model, rng), jax.random.key(0))
 
 
+def state_collections(model) -> list[str]:
+    """The model's variable collections besides "params" (e.g. BatchNorm's "batch_stats"; none for most)."""
+    return sorted(set(jax.eval_shape(lambda rng: init_variables(model, rng), jax.random.key(0))) - {"params"})
+
+
+def _abstract_export(model) -> Any:
+    """What an export of `model` holds: its params, or every variable collection for a model with state."""
+    variables = jax.eval_shape(lambda rng: init_variables(model, rng), jax.random.key(0))
+    return variables["params"] if set(variables) == {"params"} else variables
+
+
 def load_export(directory: str | epath.PathLike, mesh: jax.sharding.Mesh | None = None, *, rules=None,
                 kind: str | None = None, model=None, **overrides) -> tuple[Any, Any, dict]:
-    """(model, params, info) of an export (`checkpoint.save_export`'s layout).
+    """(model, params, info) of an export (`checkpoint.save_export`'s layout); for a model with state
+    (`state_collections`) "params" is every variable collection, as the export holds them.
 
     The model is rebuilt from the export's model.json with `overrides` (e.g. this run's compute `dtype`),
     unless `model` is given: then the params must fit that model. With a `mesh` the params are placed on
@@ -82,7 +105,7 @@ def load_export(directory: str | epath.PathLike, mesh: jax.sharding.Mesh | None 
     info = checkpoint.load_export_info(directory)
     if model is None:
         model = model_from_info(info, **overrides)
-    abstract = abstract_params(model)
+    abstract = _abstract_export(model)
     target = sharding.unbox(abstract)
     if mesh is not None:
         if rules is None:
@@ -141,6 +164,8 @@ def model_from_info(info: dict, **overrides):
 
 
 def _check_classifier_patch(config: ml_collections.ConfigDict) -> None:
+    if config.classifier.model in resnet_lib.RESNET_SIZES:   # no patches: any size pools to one vector
+        return
     size, patch = int(config.data.image_size), int(config.classifier.patch_size)
     if size and patch and size % patch:
         raise ValueError(f"image size {size} is not divisible by the classifier's patch size {patch}; change "
@@ -148,13 +173,29 @@ def _check_classifier_patch(config: ml_collections.ConfigDict) -> None:
 
 
 def classifier_from_config(config: ml_collections.ConfigDict, *, num_classes: int):
+    """`classifier.model` names an EVA-02 size (tiny, Ti, S, B) or a ResNet (resnet_tiny, resnet18/34/50)."""
     c = config.classifier
+    if c.model in resnet_lib.RESNET_SIZES:
+        return _resnet_from_config(config, num_classes=num_classes)
+    if c.model not in eva02_lib.EVA02_SIZES:
+        raise ValueError(f"unknown classifier.model {c.model!r}; choose an EVA-02 size "
+                         f"({', '.join(eva02_lib.EVA02_SIZES)}) or a ResNet ({', '.join(resnet_lib.RESNET_SIZES)})")
     _check_classifier_patch(config)
     overrides = {k: v for k, v in dict(embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads).items() if v}
     return eva02_lib.make_eva02(c.model, img_size=config.data.image_size, num_classes=num_classes, in_channels=1,
                                 patch_size=c.patch_size, drop_path_rate=c.drop_path_rate,
                                 dtype=dtype_from_name(config.compute_dtype), attention_impl=attention_impl(config),
                                 **overrides)
+
+
+def _resnet_from_config(config: ml_collections.ConfigDict, *, num_classes: int):
+    c = config.classifier
+    for key in ("drop_path_rate", "embed_dim", "depth", "num_heads"):
+        if c[key]:
+            raise ValueError(f"classifier.{key}={c[key]} is an EVA-02 setting that {c.model} does not have; "
+                             f"set --config.classifier.{key}=0")
+    return resnet_lib.make_resnet(c.model, img_size=config.data.image_size, num_classes=num_classes, in_channels=1,
+                                  dtype=dtype_from_name(config.compute_dtype))
 
 
 def vae_from_config(config: ml_collections.ConfigDict):

@@ -14,7 +14,7 @@ from PIL import Image
 from xray_dit.data import pipeline
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.models import factory
-from xray_dit.train import eval_pass
+from xray_dit.train import classifier, eval_pass
 
 
 @dataclasses.dataclass
@@ -76,15 +76,16 @@ class ClassifierProbe:
         baseline = results["01_baseline"]["runs"]
         first = baseline[sorted(baseline, key=int)[0]]
         export = epath.Path(first["workdir"]) / "best"
-        self.model, self.params, info = factory.load_export(export, kind="eva02")
+        self.model, kept, info = factory.load_export(export)
+        self.variables = classifier.variables_from_export(kept, factory.state_collections(self.model))
         self.class_names = list(info["class_names"])
         self.source = str(export)
         model = self.model
 
         @jax.jit
-        def run(params, images):
-            features = model.apply({"params": params}, images, method=model.features)
-            logits = model.apply({"params": params}, images)
+        def run(variables, images):
+            features = model.apply(variables, images, method=model.features)
+            logits = model.apply(variables, images)
             return jax.nn.sigmoid(logits), features.astype(jnp.float32)
         self._run = run
 
@@ -92,7 +93,7 @@ class ClassifierProbe:
         probs, feats = [], []
         for start in range(0, len(images), batch_size):
             chunk = jnp.asarray(images[start:start + batch_size, ..., None], jnp.float32)
-            p, f = self._run(self.params, chunk)
+            p, f = self._run(self.variables, chunk)
             probs.append(np.asarray(p))
             feats.append(np.asarray(f))
         return np.concatenate(probs), np.concatenate(feats)

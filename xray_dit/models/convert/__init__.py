@@ -4,9 +4,10 @@
     to_state_dict(params, model) -> {PyTorch name: array}           (the inverse, float32 PyTorch layouts)
 
 `dit_torch`: facebookresearch/DiT checkpoints; `vae_diffusers`: diffusers `AutoencoderKL`; `eva02_timm`:
-timm `Eva`. Reading files and the strict bookkeeping they share live in `models/weights.py`.
+timm `Eva`; `resnet_torchvision`: torchvision and timm ResNets (its params come with their BatchNorm
+statistics: {"params", "batch_stats"}). Reading files and the strict bookkeeping they share live in `models/weights.py`.
 """
 
-from xray_dit.models.convert import dit_torch, eva02_timm, vae_diffusers
+from xray_dit.models.convert import dit_torch, eva02_timm, resnet_torchvision, vae_diffusers
 
-BY_KIND = {"dit": dit_torch, "vae": vae_diffusers, "eva02": eva02_timm}
+BY_KIND = {"dit": dit_torch, "vae": vae_diffusers, "eva02": eva02_timm, "resnet": resnet_torchvision}

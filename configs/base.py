@@ -59,6 +59,9 @@ def get_config(arg=None):
         target_class="Cardiomegaly",   # the minority class the DiT learns
         balanced_sampling=False,
         num_workers=0,                 # Grain worker processes (0 = in the main process)
+        # "" = the prepared splits; else a CSV `image_id,split` that redraws them (e.g. cross-validation
+        # folds): each listed image goes to the named split, unlisted images are not used.
+        split_file="",
         augment=ml_collections.ConfigDict(dict(
             rotation_deg=5.0, scale=0.05, translate=0.03, brightness=0.05, contrast=0.05,
             hflip=False,               # a flipped chest X-ray puts the heart on the wrong side

@@ -25,6 +25,7 @@ iterator continues with exactly the batches the original would have produced.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import math
@@ -69,6 +70,7 @@ class DataConfig:
     balanced_sampling: bool = False
     num_workers: int = 0                     # Grain worker processes; 0 = this process
     augment: AugmentConfig = AugmentConfig()
+    split_file: str = ""                     # "" = the prepared splits; else a CSV redrawing them (see below)
 
     @classmethod
     def from_config(cls, config: Any) -> DataConfig:
@@ -87,6 +89,7 @@ class DataConfig:
             labels=tuple(values.get("labels") or ()),
             balanced_sampling=bool(values.get("balanced_sampling", False)),
             num_workers=int(values.get("num_workers") or 0),
+            split_file=os.fspath(values.get("split_file") or ""),
             augment=AugmentConfig(**{f.name: augment[f.name] for f in dataclasses.fields(AugmentConfig)
                                      if f.name in augment}),
         )
@@ -148,18 +151,26 @@ def _read_table(builder: tfds.core.DatasetBuilder, split: str) -> splits.Metadat
     return table
 
 
-def check_dataset(builder: tfds.core.DatasetBuilder) -> None:
-    """No patient in two splits (`splits.PatientLeakError` naming them); runs on every pipeline load."""
+def check_dataset(builder: tfds.core.DatasetBuilder, split_file: str = "") -> None:
+    """No patient in two splits (`splits.PatientLeakError` naming them); runs on every pipeline load.
+
+    With a split file, the splits it draws are checked too: they are what training and evaluation read.
+    """
     tables = {split: _read_table(builder, split) for split in builder.info.splits}
     splits.check_patient_disjoint({s: t.patient_id for s, t in tables.items()},
                                   dataset=_name(builder))
+    if split_file:
+        drawn = {split: _table(builder, split, split_file) for split in _split_names(builder, split_file)}
+        splits.check_patient_disjoint({s: t.patient_id for s, t in drawn.items()},
+                                      dataset=f"{_name(builder)} as split by {split_file}")
 
 
 def metadata_table(config: Any, split: str, *, data_dir: str | os.PathLike | None = None) -> splits.MetadataTable:
     """Image id, patient id, labels, age, sex, view of every record of `split`, by record index."""
-    builder = load_builder(config, data_dir=data_dir)
-    _require_split(builder, split)
-    return _read_table(builder, split)
+    cfg = DataConfig.from_config(config)
+    builder = load_builder(cfg, data_dir=data_dir)
+    _require_split(builder, split, cfg.split_file)
+    return _table(builder, split, cfg.split_file)
 
 
 def lookup_ids(batch: Mapping[str, np.ndarray], table: splits.MetadataTable,
@@ -178,10 +189,110 @@ def lookup_ids(batch: Mapping[str, np.ndarray], table: splits.MetadataTable,
     return ids
 
 
-def _require_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
-    if split not in builder.info.splits:
-        raise ValueError(f"{_name(builder)} has no split {split!r}; "
-                         f"it has {list(builder.info.splits)}")
+def _require_split(builder: tfds.core.DatasetBuilder, split: str, split_file: str = "") -> None:
+    names = _split_names(builder, split_file)
+    if split not in names:
+        where = f" as split by {split_file}" if split_file else ""
+        raise ValueError(f"{_name(builder)}{where} has no split {split!r}; it has {names}")
+
+
+# ---- Splits redrawn by a split file --------------------------------------------------------------
+#
+# A split file (`config.data.split_file`) is a CSV with the columns `image_id,split`: it assigns images of
+# the prepared dataset, from whichever prepared split they are in, to the splits a run reads (e.g. the folds
+# of a cross-validation). Images it does not list are not read at all. Within a split, records keep the
+# prepared order (prepared split by prepared split, record index within each), so a split's record index
+# is a position in that order. The drawn splits are checked for patients in two of them like prepared ones.
+
+SPLIT_FILE_COLUMNS = ("image_id", "split")
+_SPLIT_FILE_CACHE: dict[tuple[str, int], dict[str, str]] = {}
+
+
+def write_split_file(path: str | os.PathLike, split_of: Mapping[str, str]) -> None:
+    """Writes an image id → split assignment as a split file (rows sorted by image id)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(SPLIT_FILE_COLUMNS)
+        writer.writerows(sorted(split_of.items()))
+
+
+def read_split_file(path: str | os.PathLike) -> dict[str, str]:
+    """A split file as image id → split; errors name the file and the offending rows."""
+    key = (os.fspath(path), os.stat(path).st_mtime_ns)
+    if key in _SPLIT_FILE_CACHE:
+        return _SPLIT_FILE_CACHE[key]
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or tuple(h.strip() for h in rows[0]) != SPLIT_FILE_COLUMNS:
+        raise ValueError(f"split file {path}: the header must be {','.join(SPLIT_FILE_COLUMNS)}, "
+                         f"got {rows[0] if rows else 'an empty file'}")
+    split_of: dict[str, str] = {}
+    for number, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise ValueError(f"split file {path}, line {number}: expected image_id,split, got {row}")
+        image_id, split = row[0].strip(), row[1].strip()
+        if image_id in split_of:
+            raise ValueError(f"split file {path}, line {number}: image {image_id!r} is listed twice")
+        split_of[image_id] = split
+    _SPLIT_FILE_CACHE[key] = split_of
+    return split_of
+
+
+def _split_names(builder: tfds.core.DatasetBuilder, split_file: str) -> list[str]:
+    if not split_file:
+        return list(builder.info.splits)
+    return sorted(set(read_split_file(split_file).values()))
+
+
+def _split_members(builder: tfds.core.DatasetBuilder, split: str, split_file: str) -> list[tuple[str, np.ndarray]]:
+    """The records of `split`: (prepared split, record indices in it) pairs, in the prepared order."""
+    if not split_file:
+        return [(split, np.arange(len(_read_table(builder, split)), dtype=np.int64))]
+    split_of = read_split_file(split_file)
+    members, found = [], 0
+    for prepared in builder.info.splits:
+        image_ids = _read_table(builder, prepared).image_id
+        assigned = np.array([split_of.get(i) for i in image_ids], dtype=object)
+        members.append((prepared, np.flatnonzero(assigned == split).astype(np.int64)))
+        found += int(np.sum(assigned != None))  # noqa: E711 (element-wise)
+    if found < len(split_of):
+        known = {i for prepared in builder.info.splits for i in _read_table(builder, prepared).image_id}
+        unknown = sorted(set(split_of) - known)
+        raise ValueError(f"split file {split_file} lists {len(unknown)} image(s) that {_name(builder)} does not hold, "
+                         f"e.g. {unknown[:5]}; was it written for another dataset or builder config?")
+    return [(prepared, indices) for prepared, indices in members if len(indices)]
+
+
+def _table(builder: tfds.core.DatasetBuilder, split: str, split_file: str) -> splits.MetadataTable:
+    if not split_file:
+        return _read_table(builder, split)
+    parts = [_read_table(builder, prepared).take(indices)
+             for prepared, indices in _split_members(builder, split, split_file)]
+    return splits.MetadataTable.concatenate(parts)
+
+
+class _RecordSource:
+    """The records of one split as a single indexable source, over one or more prepared splits.
+
+    Picklable (it travels to mp_prefetch workers): it holds the TFDS data sources and index arrays only.
+    """
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, split_file: str):
+        members = _split_members(builder, split, split_file)
+        self._sources = [builder.as_data_source(split=prepared, decoders=builders.SKIP_IMAGE_DECODING)
+                         for prepared, _ in members]
+        self._where = np.concatenate(
+            [np.stack([np.full(len(indices), part), indices], axis=1) for part, (_, indices) in enumerate(members)]
+        ) if members else np.zeros((0, 2), np.int64)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, index: int):
+        part, record = self._where[index]
+        return self._sources[part][int(record)]
 
 
 # ---- The epoch plan ----------------------------------------------------------------------------
@@ -379,9 +490,9 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     """
     cfg = DataConfig.from_config(config)
     builder = load_builder(cfg, data_dir=data_dir)
-    _require_split(builder, split)
-    check_dataset(builder)
-    table = _read_table(builder, split)
+    _require_split(builder, split, cfg.split_file)
+    check_dataset(builder, cfg.split_file)
+    table = _table(builder, split, cfg.split_file)
     label_names = cfg.labels or table.label_names
     columns = table.label_columns(label_names)
     process_index = jax.process_index() if process_index is None else process_index
@@ -389,7 +500,7 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     if batch_size <= 0 or batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} must be a positive multiple of the {process_count} processes")
     local_batch = batch_size // process_count
-    what = f"{_name(builder)} {split}"
+    what = f"{_name(builder)} {split}" + (f" (as split by {cfg.split_file})" if cfg.split_file else "")
 
     real = np.arange(len(table), dtype=np.int64)
     if only_class is not None:
@@ -420,8 +531,10 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     if epochs != 1:
         ds = ds.repeat(epochs)
     ds = ds[process_index::process_count]
+    records = (_RecordSource(builder, split, cfg.split_file) if cfg.split_file
+               else builder.as_data_source(split=split, decoders=builders.SKIP_IMAGE_DECODING))
     ds = ds.map(_ReadAndDecode(
-        builder.as_data_source(split=split, decoders=builders.SKIP_IMAGE_DECODING),
+        records,
         table.labels[:, columns], table.label_mask[:, columns],
         source, None if source is None else source.labels[:, columns],
         None if source is None else source.label_mask[:, columns], builders.image_size(builder)))

@@ -85,6 +85,22 @@ class MetadataTable:
             raise ValueError(f"unknown label(s) {unknown}; this dataset's labels are {list(self.label_names)}")
         return np.array([self.label_names.index(n) for n in names], dtype=np.int64)
 
+    def take(self, indices: np.ndarray) -> MetadataTable:
+        """The records at `indices`, in that order."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[indices] for f in dataclasses.fields(self)
+                                            if f.name != "label_names"})
+
+    @staticmethod
+    def concatenate(tables: Sequence[MetadataTable]) -> MetadataTable:
+        """The records of `tables` one after another; they must share their label names."""
+        if not tables:
+            raise ValueError("nothing to concatenate: no tables given")
+        names = {t.label_names for t in tables}
+        if len(names) > 1:
+            raise ValueError(f"tables with different label names cannot be concatenated: {sorted(names)}")
+        return dataclasses.replace(tables[0], **{f.name: np.concatenate([getattr(t, f.name) for t in tables])
+                                                 for f in dataclasses.fields(MetadataTable) if f.name != "label_names"})
+
     def positives(self, name: str) -> np.ndarray:
         """Indices of the records known to be positive for `name`."""
         column = self.label_columns([name])[0]

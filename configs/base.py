@@ -77,6 +77,9 @@ def get_config(arg=None):
         pos_weight="",                 # "" | "balanced": up-weight positives by neg/pos ratio
         init_from="",                  # Orbax checkpoint from tools/import_weights (timm EVA-02)
         select_metric="auc/mean",      # validation metric that picks the kept ("best") parameters
+        # Reference models fitted on the same training images and reported beside the network's AUC in
+        # results.json ("baselines"): pixel_logreg_<size> = logistic regression on size x size pixels.
+        baselines=("pixel_logreg_16", "pixel_logreg_32"),
         train=train_config(lr=3e-4, weight_decay=0.05, ema_decay=0.0, steps=5000, batch_size=128),
     ))
 

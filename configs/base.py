@@ -69,13 +69,13 @@ def get_config(arg=None):
     ))
 
     config.classifier = ml_collections.ConfigDict(dict(
-        model="S",                     # EVA-02 size: Ti | S | B | tiny
-        patch_size=14,
-        embed_dim=0, depth=0, num_heads=0,   # 0 = the named size's
-        drop_path_rate=0.1,
+        model="S",                     # EVA-02 size Ti | S | B | tiny, or resnet18 | resnet34 | resnet50 | resnet_tiny
+        patch_size=14,                 # EVA-02 only (a ResNet has no patches)
+        embed_dim=0, depth=0, num_heads=0,   # EVA-02: 0 = the named size's
+        drop_path_rate=0.1,            # EVA-02's stochastic depth; 0 for a ResNet
         layer_decay=0.75,              # layer-wise lr decay; 1.0 disables
         pos_weight="",                 # "" | "balanced": up-weight positives by neg/pos ratio
-        init_from="",                  # Orbax checkpoint from tools/import_weights (timm EVA-02)
+        init_from="",                  # export from tools/import_weights (timm EVA-02; torchvision/timm ResNet)
         select_metric="auc/mean",      # validation metric that picks the kept ("best") parameters
         # Reference models fitted on the same training images and reported beside the network's AUC in
         # results.json ("baselines"): pixel_logreg_<size> = logistic regression on size x size pixels.

@@ -14,13 +14,36 @@ runs (9 × 5k steps × 128 images) not yet measured on GPU, estimated 15-25 min;
 TPU v5e-8 slice in proportion to its bf16 throughput (not measured). Expected result: whatever the data say; the
 report states the AUC differences with their confidence intervals. NIH's Cardiomegaly is 2.5 % of images.
 EVA-02 at 256 px uses patch 16 (256 is not a multiple of 14), so it trains from scratch: timm's patch-14 weights
-do not fit; use data.image_size=224 with patch 14 and classifier.init_from to start from them instead.
+do not fit; the `pretrained_vit` variant below starts from them at 224 px instead.
+
+Variants (`configs/study.py:<variant>`), each classifier starting from imported ImageNet weights; the
+weights are imported once, before the run (a run whose `classifier.init_from` folder is missing stops at
+once, naming the command):
+
+`resnet50`: the same study with torchvision's ResNet-50 (IMAGENET1K_V2 weights, resnet50-11ad3fa6.pth from
+download.pytorch.org/models; timm's resnet50.* safetensors import the same way), fine-tuned at 256 px:
+    python -m xray_dit.tools.import_weights --kind=resnet --model=resnet50 --image_size=256 --num_classes=14 \\
+        --src=resnet50-11ad3fa6.pth --out=weights/resnet50
+    python -m xray_dit.main --config=configs/study.py:resnet50 --workdir=gs://BUCKET/study_resnet50 \\
+        --config.data.manual_dir=/data/nih --config.vae.init_from=weights/sd_vae
+
+`pretrained_vit`: EVA-02-S/14 at 224 px from timm's eva02_small_patch14_224.mim_in22k (model.safetensors from
+the Hugging Face hub); the whole study runs at 224 px (DiT-B/2 on 28x28 latents):
+    python -m xray_dit.tools.import_weights --kind=eva02 --model=S --image_size=224 --num_classes=14 \\
+        --src=model.safetensors --out=weights/eva02_s
+    python -m xray_dit.main --config=configs/study.py:pretrained_vit --workdir=gs://BUCKET/study_vit \\
+        --config.data.manual_dir=/data/nih --config.vae.init_from=weights/sd_vae
 """
 
 from configs import base
 
+VARIANTS = ("eva02", "resnet50", "pretrained_vit")
+
 
 def get_config(arg=None):
+    variant = arg or "eva02"
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/study.py takes one of {VARIANTS} after the colon, got {arg!r}")
     config = base.get_config(arg)
     config.task = "study"
     config.compute_dtype = "bfloat16"
@@ -33,4 +56,10 @@ def get_config(arg=None):
     config.dit.update(model="DiT-B/2", class_conditional=False)
     config.dit.train.update(steps=50_000, batch_size=256, ema_decay=0.9999)
     config.study.update(seeds=(0, 1, 2), num_synthetic=500, synthetic_counts=(500,))
+    if variant == "resnet50":
+        # No stochastic depth in torchvision's ResNet; layer decay over stem, four stages and head.
+        config.classifier.update(model="resnet50", drop_path_rate=0.0, layer_decay=0.75, init_from="weights/resnet50")
+    elif variant == "pretrained_vit":
+        config.data.update(builder_config="224", image_size=224)
+        config.classifier.update(model="S", patch_size=14, init_from="weights/eva02_s")
     return config

@@ -1,12 +1,15 @@
 """The generic train loop, on a toy regression task: learning, exact resume, NaN stop, sharding, SIGTERM."""
 
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -40,6 +43,21 @@ def test_rerun_of_finished_run_resumes_and_does_nothing(tmp_path):
     again = loop.train(config, tmp_path, toy_task.toy_task(config))
     for a, b in zip(jax.tree.leaves(first["params"]), jax.tree.leaves(again["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_model_state_is_trained_averaged_checkpointed_and_restored(tmp_path, caplog):
+    config = toy_task.toy_config(steps=10, schedule="constant")
+    straight = loop.train(config, tmp_path / "straight", toy_task.toy_batchnorm_task(config))
+    stats, ema_stats = straight["model_state"]["batch_stats"], straight["ema_model_state"]["batch_stats"]
+    assert float(jnp.abs(stats["BatchNorm_0"]["mean"]).max()) > 0.01     # moved from its zero start
+    assert not np.allclose(stats["BatchNorm_0"]["var"], ema_stats["BatchNorm_0"]["var"])
+    shutil.rmtree(tmp_path / "straight" / "checkpoints" / "10")   # the rerun resumes from step 5
+    with caplog.at_level(logging.INFO):
+        resumed = loop.train(config, tmp_path / "straight", toy_task.toy_batchnorm_task(config))
+    assert "resumed from step 5" in caplog.text
+    for key in ("params", "model_state", "ema_params", "ema_model_state"):
+        for a, b in zip(jax.tree.leaves(straight[key]), jax.tree.leaves(resumed[key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=key)
 
 
 @pytest.mark.parametrize("kill_at", [7, 13])

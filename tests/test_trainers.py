@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,40 @@ def test_task_configs_set_their_task_keep_the_base_keys_and_name_bad_variants(na
     main._check_argv(["main", f"--config={REPO_ROOT}/configs/{name}.py:nih", f"--config.{name}.train.steps=5"])
     phantom_config = module.get_config()
     assert phantom_config.data.image_size == 64 and phantom_config.compute_dtype == "float32"
+
+
+@pytest.mark.parametrize("variant, model, size", [("resnet50", "resnet50", 256), ("pretrained_vit", "S", 224)])
+def test_study_variants_start_from_imported_weights_and_a_missing_import_stops_at_once(
+        tmp_path, monkeypatch, variant, model, size):
+    from configs import base, study
+    from xray_dit import main
+    from xray_dit.train import model_factory
+    config = study.get_config(variant)
+    assert _keys(config) == _keys(base.get_config())
+    assert config.classifier.model == model and config.data.image_size == size and config.classifier.init_from
+    model_factory.check_sizes(config)
+    built = model_factory.classifier_from_config(config, num_classes=len(config.data.labels))
+    assert model_factory.kind_of(built) == ("resnet" if model.startswith("resnet") else "eva02")
+    command = classifier.import_command(config)
+    assert command.split(" --src=")[0] in " ".join(study.__doc__.split())   # the docstring's command
+    config.classifier.init_from = str(tmp_path / "weights" / variant)
+    config.data.update(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "nih"))
+    monkeypatch.setattr(common, "ensure_prepared", lambda *a: pytest.fail("data prepared before the weights check"))
+    with pytest.raises(main.UsageError) as error:
+        main.run(config, str(tmp_path / "work"))
+    message = str(error.value)
+    assert "\n" not in message and f"{tmp_path}/weights/{variant}/model.json" in message
+    assert classifier.import_command(config) in message
+    assert not (tmp_path / "work").exists() and not (tmp_path / "tfds").exists()
+    config.task = "train_classifier"
+    with pytest.raises(ValueError, match="no imported weights there"):
+        classifier.train_classifier(config, tmp_path / "work")
+    (tmp_path / "weights" / variant / "params").mkdir(parents=True)
+    (tmp_path / "weights" / variant / "model.json").write_text(json.dumps({"kind": "dit"}))
+    with pytest.raises(ValueError, match="holds 'dit' weights.*--kind="):
+        classifier.check_init_from(config)
+    with pytest.raises(ValueError, match="resnet50.*pretrained_vit"):
+        study.get_config("vit")
 
 
 @pytest.mark.parametrize("backend, dtype, want", [("gpu", "bfloat16", "cudnn"), ("gpu", "float16", "cudnn"),
@@ -333,6 +368,50 @@ def test_classifier_end_to_end_writes_test_artefacts(data_dir, tmp_path, monkeyp
     monkeypatch.setattr(common, "run_over_split", shuffled_train_labels)
     broken = classifier.pixel_baselines(config, data_dir, sharding.make_mesh((-1, 1, 1)), sizes, 16)
     assert broken["pixel_logreg_16"]["test_auc"] != written["pixel_logreg_16"]["test_auc"]
+
+
+def test_resnet_classifier_trains_batch_statistics_evaluates_with_them_and_resumes_them(data_dir, tmp_path,
+                                                                                       monkeypatch):
+    config = tiny_configs.tiny_config(data_dir)
+    config.task = "train_classifier"
+    config.classifier.model = "resnet_tiny"
+    passes = []   # (split, variables, outputs) of every evaluation pass, copied before the loop donates them
+    original = common.run_over_split
+
+    def spy(*args, **kwargs):
+        passes.append((args[4], jax.device_get(args[1]), original(*args, **kwargs)))
+        return passes[-1][2]
+    monkeypatch.setattr(common, "run_over_split", spy)
+    results = classifier.train_classifier(config, tmp_path, mesh=_one_device_mesh())
+    assert set(results["test_auc"]) == set(config.data.labels)
+    assert [split for split, _, _ in passes] == ["validation", "validation", "test"]
+    for step_10, step_20 in zip(jax.tree.leaves(passes[0][1]["batch_stats"]),
+                                jax.tree.leaves(passes[1][1]["batch_stats"])):
+        assert not np.array_equal(step_10, step_20)   # trained between the evaluations
+    bn1 = passes[1][1]["batch_stats"]["bn1"]
+    assert np.abs(bn1["mean"]).max() > 1e-3 and np.abs(bn1["var"] - 1).max() > 1e-3   # not the initial 0 and 1
+    kept, info = checkpoint.load_export(tmp_path / "best", kind="resnet")
+    assert set(kept) == {"params", "batch_stats"} and info["step"] == results["best_step"]
+    evaluated = passes[results["best_step"] // 10 - 1]
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(evaluated[1])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    # The study's probe reads that export and predicts as the evaluation did.
+    from xray_dit.study import probe
+    runs = {"0": {"workdir": str(tmp_path)}}
+    probe_model = probe.ClassifierProbe(types.SimpleNamespace(results={"01_baseline": {"runs": runs}}))
+    images = np.concatenate([b["image"][b["valid"] > 0][..., 0] for b in common.eval_passes(
+        config, data_dir, "validation", 16)])
+    probs, features = probe_model(images)
+    np.testing.assert_allclose(probs, evaluated[2]["probs"], rtol=1e-4, atol=1e-6)
+    assert features.shape == (len(images), 128)
+    # A rerun resumes at step 20, trains nothing, and evaluates the restored state: same statistics, same outputs.
+    first_run = passes[1]
+    passes.clear()
+    classifier.train_classifier(config, tmp_path, mesh=_one_device_mesh())
+    assert passes[0][0] == "validation"
+    for a, b in zip(jax.tree.leaves(passes[0][1]), jax.tree.leaves(first_run[1])):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(passes[0][2]["probs"], first_run[2]["probs"])
 
 
 def test_vae_end_to_end_writes_export_reconstructions_and_metrics(trained_vae):

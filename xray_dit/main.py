@@ -138,6 +138,12 @@ def run(config, workdir: str):
             model_factory.check_sizes(config)
         except ValueError as e:
             raise UsageError(f"the config's sizes do not fit together: {e}") from e
+    if config.task in ("train_classifier", "study"):
+        from xray_dit.train import classifier
+        try:
+            classifier.check_init_from(config)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
     path = _prepare_workdir(workdir)
     if jax.process_index() == 0:
         (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=repr))

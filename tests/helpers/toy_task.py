@@ -22,6 +22,16 @@ class ToyModel(nn.Module):
         return nn.Dense(1, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")))(h)
 
 
+class ToyBatchNormModel(nn.Module):
+    """The toy model with a BatchNorm between its layers: state the loop must carry (`batch_stats`)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        h = nn.Dense(16)(x)
+        h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+        return nn.Dense(1)(nn.gelu(h))
+
+
 def toy_data(batch_size=16, seed=0, nan_at_batch=None):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 8)).astype(np.float32)
@@ -55,6 +65,25 @@ def toy_task(config, data=None):
 
     return loop.TrainTask(name="toy", init_params=lambda r: model.init(r, jnp.zeros((1, 8)))["params"],
                           loss_fn=loss_fn, train=config.dit.train, data=data or toy_data())
+
+
+def toy_batchnorm_task(config, data=None):
+    """The toy regression with `ToyBatchNormModel`: loss_fn takes and returns the model state."""
+    from xray_dit.train import loop
+    model = ToyBatchNormModel()
+
+    def loss_fn(params, batch, rng, step, model_state):
+        pred, model_state = model.apply({"params": params, **model_state}, batch["x"], train=True,
+                                        mutable=["batch_stats"])
+        mse = jnp.mean((pred - batch["y"] - 0.01 * jax.random.normal(rng, batch["y"].shape)) ** 2)
+        return mse, ({"mse": mse}, model_state)
+
+    def init(rng):
+        return model.init(rng, jnp.zeros((1, 8)))
+
+    return loop.TrainTask(name="toy", init_params=lambda r: init(r)["params"], loss_fn=loss_fn,
+                          train=config.dit.train, data=data or toy_data(),
+                          init_model_state=lambda r: {"batch_stats": init(r)["batch_stats"]})
 
 
 def main():

@@ -1,7 +1,7 @@
 """Reading PyTorch-named state dicts and building Flax param trees from them (shared by all models).
 
 Each model module owns its name map (`dit.py`, `vae.py`, `eva02.py` expose a `from_torch_state_dict`
-function); this file holds the parts they share: reading `.safetensors` / `.npz` files, layout
+function); this file holds the parts they share: reading `.safetensors` / `.npz` / torch files, layout
 conversions (Linear and Conv transposes) and the strict bookkeeping that refuses a file with an
 unmapped, missing or mis-shaped tensor, listing them all.
 """
@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 from etils import epath
 from flax import traverse_util
+
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 class WeightImportError(ValueError):
@@ -20,9 +24,11 @@ class WeightImportError(ValueError):
 
 
 def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
-    """Reads a `.safetensors` or `.npz` state dict (PyTorch names) into float32/int numpy arrays.
+    """Reads a `.safetensors`, `.npz` or `torch.save` (`.pth`/`.pt`/`.bin`) state dict (PyTorch names) into
+    float32/int numpy arrays.
 
-    `.npz` keys may carry a `param/` prefix (the golden files do); it is stripped.
+    `.npz` keys may carry a `param/` prefix (the golden files do); it is stripped. Torch files are read
+    without torch and without running their code (`torch_file.py`).
     """
     path = epath.Path(path)
     if not path.exists():
@@ -36,10 +42,14 @@ def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
             tensors = {k: z[k] for k in z.files}
         if any(k.startswith("param/") for k in tensors):
             tensors = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+    elif suffix in TORCH_SUFFIXES:
+        from xray_dit.models import torch_file
+        tensors = torch_file.load(path)
     else:
-        raise WeightImportError(f"{path}: unsupported weight format {suffix!r}; use .safetensors or .npz "
-                                "(convert a PyTorch .pt/.bin state dict with safetensors.torch.save_file)")
-    return {k: (v.astype(np.float32) if v.dtype in (np.float16, np.float64) or v.dtype.kind == "V" else v)
+        raise WeightImportError(f"{path}: unsupported weight format {suffix!r}; use .safetensors, .npz or a "
+                                f"torch.save file ({', '.join(TORCH_SUFFIXES)})")
+    return {k: (v.astype(np.float32) if v.dtype in (np.float16, np.float64, ml_dtypes.bfloat16)
+                or v.dtype.kind == "V" else v)
             for k, v in tensors.items()}
 
 

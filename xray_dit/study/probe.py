@@ -14,7 +14,7 @@ from xray_dit import checkpoint, sharding
 from xray_dit.data import pipeline
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.study.phases import StudyContext
-from xray_dit.train import common, model_factory
+from xray_dit.train import classifier, common, model_factory
 
 
 @dataclasses.dataclass
@@ -67,16 +67,18 @@ class ClassifierProbe:
         self.model = model_factory.model_from_info(info)
         size = self.model.img_size if isinstance(self.model.img_size, int) else self.model.img_size[0]
         abstract = sharding.unbox(jax.eval_shape(
-            lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))))["params"]
-        self.params, _ = checkpoint.load_export(export, abstract, kind="eva02")
+            lambda: self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))))
+        state_names = sorted(set(abstract) - {"params"})
+        kept, _ = checkpoint.load_export(export, classifier.export_tree(abstract), kind=info["kind"])
+        self.variables = classifier.variables_from_export(kept, state_names)
         self.class_names = list(info["class_names"])
         self.source = str(export)
         model = self.model
 
         @jax.jit
-        def run(params, images):
-            features = model.apply({"params": params}, images, method=model.features)
-            logits = model.apply({"params": params}, images)
+        def run(variables, images):
+            features = model.apply(variables, images, method=model.features)
+            logits = model.apply(variables, images)
             return jax.nn.sigmoid(logits), features.astype(jnp.float32)
         self._run = run
 
@@ -84,7 +86,7 @@ class ClassifierProbe:
         probs, feats = [], []
         for start in range(0, len(images), batch_size):
             chunk = jnp.asarray(images[start:start + batch_size, ..., None], jnp.float32)
-            p, f = self._run(self.params, chunk)
+            p, f = self._run(self.variables, chunk)
             probs.append(np.asarray(p))
             feats.append(np.asarray(f))
         return np.concatenate(probs), np.concatenate(feats)

@@ -5,13 +5,17 @@
         --src=model.safetensors --out=weights/eva02_s
     python -m xray_dit.tools.import_weights --kind=dit --model=DiT-XL/2 --image_size=256 --num_classes=1000 \\
         --src=DiT-XL-2-256x256.safetensors --out=weights/dit_xl
+    python -m xray_dit.tools.import_weights --kind=resnet --model=resnet50 --image_size=256 --num_classes=14 \\
+        --src=resnet50-11ad3fa6.pth --out=weights/resnet50
 
-Sources: `.safetensors` (timm hub `model.safetensors`, diffusers `diffusion_pytorch_model.safetensors`) or
-`.npz`. A PyTorch `.pt` converts once with `safetensors.torch.save_file(torch.load(f), "x.safetensors")`
-(for DiT `train.py` checkpoints, take the `"ema"` entry). Any tensor that maps to nothing, is missing or
-has the wrong shape stops the import with the full list; nothing is written then.
-Then: `--config.classifier.init_from=weights/eva02_s`, `--config.vae.init_from=weights/sd_vae` (fine-tune)
-or `--config.dit.vae_dir=weights/sd_vae` (use as is).
+Sources: `.safetensors` (timm hub `model.safetensors`, diffusers `diffusion_pytorch_model.safetensors`),
+`.npz`, or a `torch.save` file (`.pth`/`.pt`/`.bin`: torchvision's hub weights, a training checkpoint's
+`state_dict`/`model` entry), read without torch. For DiT `train.py` checkpoints, save the `"ema"` entry
+as its own file first. ResNet takes torchvision's and timm's resnet18/34/50 names alike
+(`models/convert/resnet_torchvision.py`). Any tensor that maps to nothing, is missing or has the wrong
+shape stops the import with the full list; nothing is written then.
+Then: `--config.classifier.init_from=weights/eva02_s` (or `weights/resnet50`), `--config.vae.init_from=
+weights/sd_vae` (fine-tune) or `--config.dit.vae_dir=weights/sd_vae` (use as is).
 """
 
 from __future__ import annotations
@@ -24,22 +28,25 @@ from absl import app, flags, logging
 from xray_dit import checkpoint
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import resnet as resnet_lib
 from xray_dit.models import vae as vae_lib
 from xray_dit.models import weights
+from xray_dit.models.convert import resnet_torchvision
 from xray_dit.train import model_factory
 
-_KIND = flags.DEFINE_enum("kind", None, ["dit", "vae", "eva02"], "Which model the weights are for.")
-_SRC = flags.DEFINE_string("src", None, "The state dict: .safetensors or .npz, PyTorch names.")
+_KIND = flags.DEFINE_enum("kind", None, ["dit", "vae", "eva02", "resnet"], "Which model the weights are for.")
+_SRC = flags.DEFINE_string("src", None, "The state dict: .safetensors, .npz or .pth/.pt/.bin, PyTorch names.")
 _OUT = flags.DEFINE_string("out", None, "Folder for the export (params/ + model.json).")
 _MODEL = flags.DEFINE_string("model", None, "dit: DiT-XL/2 …; vae: a preset (sd-vae-gray, sd-vae-ft-mse, …); "
-                             "eva02: Ti | S | B. Default: DiT-XL/2, sd-vae-gray, S.")
+                             "eva02: Ti | S | B; resnet: resnet18 | resnet34 | resnet50. "
+                             "Default: DiT-XL/2, sd-vae-gray, S, resnet50.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Image size the model will run at (DiT: latent = size/8).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "dit: label count (1000 for the released DiT); "
-                                    "eva02: classifier outputs (a head of another size is re-initialised).")
-_IN_CHANNELS = flags.DEFINE_integer("in_channels", 1, "eva02/vae image channels: 1 (X-rays; RGB weights are "
-                                    "adapted) or 3.")
+                                    "eva02/resnet: classifier outputs (a head of another size is re-initialised).")
+_IN_CHANNELS = flags.DEFINE_integer("in_channels", 1, "eva02/resnet/vae image channels: 1 (X-rays; RGB weights "
+                                    "are adapted) or 3.")
 
-DEFAULT_MODEL = {"dit": "DiT-XL/2", "vae": "sd-vae-gray", "eva02": "S"}
+DEFAULT_MODEL = {"dit": "DiT-XL/2", "vae": "sd-vae-gray", "eva02": "S", "resnet": "resnet50"}
 
 
 def build_model(kind: str, model_name: str, *, image_size: int, num_classes: int | None, in_channels: int):
@@ -47,6 +54,9 @@ def build_model(kind: str, model_name: str, *, image_size: int, num_classes: int
         return dit_lib.make_dit(model_name, input_size=image_size // 8, num_classes=num_classes or 0)
     if kind == "vae":
         return vae_lib.make_vae(model_name, in_channels=in_channels, out_channels=in_channels)
+    if kind == "resnet":
+        return resnet_lib.make_resnet(model_name, img_size=image_size, num_classes=num_classes or 1,
+                                      in_channels=in_channels)
     return eva02_lib.make_eva02(model_name, img_size=image_size, num_classes=num_classes or 1,
                                 in_channels=in_channels)
 
@@ -61,6 +71,8 @@ def import_weights(kind: str, src: str, out: str, *, model_name: str | None = No
         params = dit_lib.from_torch_state_dict(state_dict, model, source=src)["params"]
     elif kind == "vae":
         params = vae_lib.from_diffusers_state_dict(state_dict, model, source=src)["params"]
+    elif kind == "resnet":   # with its BatchNorm statistics: {"params", "batch_stats"}
+        params = resnet_torchvision.from_torchvision_state_dict(state_dict, model, source=src)
     else:
         params = eva02_lib.from_timm_state_dict(state_dict, model, source=src)
     info = {"kind": kind, "model": model_factory.model_fields(model), "source": str(src), "name": model_name}

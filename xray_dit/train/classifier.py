@@ -1,7 +1,8 @@
-"""Task `train_classifier`: the EVA-02 multi-label classifier and its evaluation artefacts.
+"""Task `train_classifier`: the multi-label classifier (EVA-02 or ResNet) and its evaluation artefacts.
 
-Multi-label sigmoid BCE (label mask for unknown labels; optional positive weighting), drop-path,
-layer-wise lr decay, optional start from imported timm weights. Validation every `eval_every` steps
+Multi-label sigmoid BCE (label mask for unknown labels; optional positive weighting), drop-path (EVA-02),
+layer-wise lr decay, optional start from imported timm / torchvision weights. A model with BatchNorm
+trains its running statistics as the loop's model state and is evaluated with them. Validation every `eval_every` steps
 (per-class ROC-AUC); the parameters with the best `select_metric` are kept in `<workdir>/best`.
 At the end, on the test split with those parameters: per-class AUC table, ROC curves, a confusion
 matrix per class at the validation-chosen (Youden) threshold, and `predictions_{validation,test}.csv`
@@ -30,6 +31,7 @@ from xray_dit.data import pipeline
 from xray_dit.evaluation import baselines as baselines_lib
 from xray_dit.evaluation import classification, plots
 from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import resnet as resnet_lib
 from xray_dit.train import common, loop, model_factory
 
 MAX_POS_WEIGHT = 50.0
@@ -54,11 +56,65 @@ def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, pos_weight: 
     return jnp.sum(per_label * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def layer_decay_multipliers(params: Any, depth: int, decay: float) -> Any:
+def layer_decay_multipliers(params: Any, depth: int, decay: float, layer_id=eva02_lib.layer_id) -> Any:
     """lr multiplier decay ** (depth + 1 - layer_id): the head learns at full rate, embeddings slowest."""
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
-        {path: float(decay ** (depth + 1 - eva02_lib.layer_id(path, depth))) for path in flat})
+        {path: float(decay ** (depth + 1 - layer_id(path, depth))) for path in flat})
+
+
+def _layer_decay(model, params: Any, decay: float) -> Any:
+    if isinstance(model, resnet_lib.ResNet):   # the stem, each stage, the head
+        return layer_decay_multipliers(params, len(model.stage_sizes), decay, resnet_lib.layer_id)
+    return layer_decay_multipliers(params, model.depth, decay)
+
+
+def export_tree(variables: dict) -> Any:
+    """What a classifier export holds: the params alone, or all variables for a model with state (BatchNorm)."""
+    return variables["params"] if set(variables) == {"params"} else variables
+
+
+def variables_from_export(tree: Any, model_state_names) -> dict:
+    """The inverse of `export_tree`, given the model's state collections (none: the tree is the params)."""
+    return dict(tree) if model_state_names else {"params": tree}
+
+
+def _weights_kind(config: ml_collections.ConfigDict) -> str:
+    return "resnet" if config.classifier.model in resnet_lib.RESNET_SIZES else "eva02"
+
+
+def import_command(config: ml_collections.ConfigDict) -> str:
+    """The command that writes the export `classifier.init_from` names, for the configured model."""
+    c = config.classifier
+    kind = _weights_kind(config)
+    source = "<torchvision or timm .pth/.safetensors>" if kind == "resnet" else "<timm model.safetensors>"
+    return (f"python -m xray_dit.tools.import_weights --kind={kind} --model={c.model} "
+            f"--image_size={config.data.image_size} --num_classes={len(config.data.labels)} --src={source} "
+            f"--out={c.init_from}")
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError (one line: the folder and the command that creates it) unless `classifier.init_from` is
+    empty or an export of the configured model's kind. Runs before any data is prepared."""
+    path = config.classifier.init_from
+    if not path:
+        return
+    try:
+        info = checkpoint.load_export_info(path)
+    except FileNotFoundError:
+        raise ValueError(f"classifier.init_from={path}: no imported weights there ({path}/{checkpoint.EXPORT_INFO} "
+                         f"is missing); create them with: {import_command(config)}") from None
+    kind = _weights_kind(config)
+    if info.get("kind") != kind:
+        raise ValueError(f"classifier.init_from={path} holds {info.get('kind')!r} weights but classifier.model="
+                         f"{config.classifier.model} needs {kind!r} weights; create them with: "
+                         f"{import_command(config)}")
+
+
+def _evaluated_variables(state: dict) -> dict:
+    """EMA parameters (with their EMA statistics) when the run keeps them, else the trained ones."""
+    prefix = "ema_" if "ema_params" in state else ""
+    return {"params": state[f"{prefix}params"], **state.get(f"{prefix}model_state", {})}
 
 
 def write_predictions(path: epath.Path, table, out: dict, class_names) -> None:
@@ -96,6 +152,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     workdir = epath.Path(workdir)
     cfg = config.classifier
     train_cfg = cfg.train
+    check_init_from(config)
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
     directory = common.ensure_prepared(config, workdir)
     class_names = tuple(config.data.labels)
@@ -116,21 +173,34 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     elif cfg.pos_weight:
         raise ValueError(f"classifier.pos_weight must be '' or 'balanced', got {cfg.pos_weight!r}")
 
-    def init_params(rng):
-        return model.init(rng, jnp.zeros((1, size, size, 1)))["params"]
+    def init_variables(rng):
+        return model.init(rng, jnp.zeros((1, size, size, 1)))
 
-    def loss_fn(params, batch, rng, step):
+    abstract = sharding.unbox(jax.eval_shape(init_variables, jax.random.PRNGKey(0)))
+    state_names = sorted(set(abstract) - {"params"})   # e.g. BatchNorm's "batch_stats"; none for EVA-02
+
+    def init_model_state(rng):
+        return {name: value for name, value in init_variables(rng).items() if name in state_names}
+
+    def loss_fn(params, batch, rng, step, model_state=None):
         del step
-        logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+        if model_state is None:
+            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+        else:
+            logits, model_state = model.apply({"params": params, **model_state}, batch["image"], train=True,
+                                              rngs={"dropout": rng}, mutable=state_names)
         loss = bce_loss(logits, batch["labels"], batch["label_mask"], pos_weight)
-        return loss, {"bce": loss}
+        return (loss, {"bce": loss}) if model_state is None else (loss, ({"bce": loss}, dict(model_state)))
 
-    abstract = sharding.unbox(jax.eval_shape(init_params, jax.random.PRNGKey(0)))
-    initial = None
+    kind = model_factory.kind_of(model)
+    initial = initial_model_state = None
     if cfg.init_from:
-        initial, info = checkpoint.load_export(cfg.init_from, abstract, kind="eva02")
+        loaded, info = checkpoint.load_export(cfg.init_from, export_tree(abstract), kind=kind)
+        initial_variables = variables_from_export(loaded, state_names)
+        initial = initial_variables.pop("params")
+        initial_model_state = initial_variables or None
         logging.info("classifier: starting from %s (%s)", cfg.init_from, info.get("source", "?"))
-    multipliers = layer_decay_multipliers(abstract, model.depth, cfg.layer_decay) if cfg.layer_decay < 1 else None
+    multipliers = _layer_decay(model, abstract["params"], cfg.layer_decay) if cfg.layer_decay < 1 else None
 
     data = iter(pipeline.make_dataset(config.data, "train", train=True, seed=int(config.seed),
                                       batch_size=int(train_cfg.batch_size), data_dir=directory,
@@ -138,19 +208,19 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     eval_bs = common.eval_batch_size(int(train_cfg.batch_size), mesh)
 
     @jax.jit
-    def predict(params, batch):
-        return {"probs": jax.nn.sigmoid(model.apply({"params": params}, batch["image"]))}
+    def predict(variables, batch):   # eval mode: BatchNorm uses its running statistics
+        return {"probs": jax.nn.sigmoid(model.apply(variables, batch["image"]))}
 
-    def predictions(params, split):
-        return common.run_over_split(predict, params, config, directory, split, mesh, batch_size=eval_bs)
+    def predictions(variables, split):
+        return common.run_over_split(predict, variables, config, directory, split, mesh, batch_size=eval_bs)
 
     best_dir = workdir / "best"
     best_info_path = workdir / "best.json"
     best_validation = {}   # step → validation predictions of the kept parameters (this process only)
 
     def evaluate(state, step):
-        params = state.get("ema_params", state["params"])
-        out = predictions(params, "validation")
+        variables = _evaluated_variables(state)
+        out = predictions(variables, "validation")
         aucs = classification.per_class_auc(out["labels"], out["probs"], class_names, out["label_mask"] > 0)
         metrics = {f"auc/{k}": v for k, v in aucs.items()} | {"auc/mean": classification.mean_auc(aucs)}
         if cfg.select_metric not in metrics:
@@ -162,23 +232,26 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
                             "defined, the latest parameters are kept as the best", cfg.select_metric)
         improves = np.isfinite(value) and (best is None or not np.isfinite(best["value"]) or value > best["value"])
         if improves or (best is None or not np.isfinite(best["value"])):
-            checkpoint.save_export(best_dir, params, {"kind": "eva02", "model": model_factory.model_fields(model),
-                                                      "class_names": list(class_names), "step": step})
+            checkpoint.save_export(best_dir, export_tree(variables), {
+                "kind": kind, "model": model_factory.model_fields(model), "class_names": list(class_names),
+                "step": step})
             best_validation.clear()
             best_validation[step] = out
             if jax.process_index() == 0:
                 best_info_path.write_text(json.dumps({"metric": cfg.select_metric, "value": value, "step": step}))
         return metrics
 
-    task = loop.TrainTask(name="classifier", init_params=init_params, loss_fn=loss_fn, train=train_cfg, data=data,
-                          evaluate=evaluate, initial_params=initial, lr_multipliers=multipliers)
+    task = loop.TrainTask(name="classifier", init_params=lambda rng: init_variables(rng)["params"],
+                          loss_fn=loss_fn, train=train_cfg, data=data, evaluate=evaluate, initial_params=initial,
+                          lr_multipliers=multipliers, init_model_state=init_model_state if state_names else None,
+                          initial_model_state=initial_model_state)
     state = loop.train(config, workdir, task, mesh=mesh)
 
     # ---- Final evaluation with the best validation parameters ----------------------------------------
-    params, _ = checkpoint.load_export(best_dir, state["params"], kind="eva02")
+    kept, _ = checkpoint.load_export(best_dir, export_tree(_evaluated_variables(state)), kind=kind)
     best = json.loads(best_info_path.read_text())
-    return evaluate_on_test(config, workdir, predictions, params, class_names, directory, best,
-                            validation=best_validation.get(best["step"]),
+    return evaluate_on_test(config, workdir, predictions, variables_from_export(kept, state_names), class_names,
+                            directory, best, validation=best_validation.get(best["step"]),
                             baselines=lambda: pixel_baselines(config, directory, mesh, baseline_sizes, eval_bs))
 
 
@@ -206,13 +279,13 @@ def pixel_baselines(config, directory, mesh, sizes: dict[str, int], batch_size: 
     return results
 
 
-def evaluate_on_test(config, workdir, predictions, params, class_names, directory, best, *, validation=None,
-                     baselines=None) -> dict:
-    """Test metrics and plots of the kept parameters; `validation`: their validation predictions, if at hand
+def evaluate_on_test(config, workdir, predictions, variables, class_names, directory, best, *,
+                     validation=None, baselines=None) -> dict:
+    """Test metrics and plots of the kept variables; `validation`: their validation predictions, if at hand
     (the evaluation that chose them made them), else they are computed again; `baselines`: a function giving
     the baselines' results, reported beside the network's (results.json "baselines", test_auc.md columns)."""
-    val = validation if validation is not None else predictions(params, "validation")
-    test = predictions(params, "test")
+    val = validation if validation is not None else predictions(variables, "validation")
+    test = predictions(variables, "test")
     tables = {split: pipeline.metadata_table(config.data, split, data_dir=directory) for split in ("validation", "test")}
     results: dict[str, Any] = {"best_step": best["step"], "select_metric": best["metric"], "val_value": best["value"]}
     test_aucs = classification.per_class_auc(test["labels"], test["probs"], class_names, test["label_mask"] > 0)
@@ -250,8 +323,8 @@ def evaluate_on_test(config, workdir, predictions, params, class_names, director
 
 
 def features_fn(model):
-    """jit-able (params, images) → the classifier's pooled features (its feature space for the study)."""
-    return jax.jit(lambda params, images: model.apply({"params": params}, images, method=model.features))
+    """jit-able (variables, images) → the classifier's pooled features (its feature space for the study)."""
+    return jax.jit(lambda variables, images: model.apply(variables, images, method=model.features))
 
 
 def run(config, workdir):

@@ -2,7 +2,9 @@
 file does everything else: mesh, sharded init, optimiser, EMA, checkpoint/resume, the jitted update
 step, NaN stop, progress line, TensorBoard, periodic evaluation and preemption.
 
-The train state is a plain dict pytree: {params, ema_params (if EMA), opt_state, step, rng}.
+The train state is a plain dict pytree: {params, ema_params (if EMA), opt_state, step, rng}, plus
+model_state (and ema_model_state with EMA) for a model with mutable non-trained variables such as
+BatchNorm's running statistics.
 Randomness of step s is `fold_in(rng, s)`, and the data iterator's position is checkpointed with the
 state, so a run killed at any step and restarted with the same command continues bit-identically
 (on CPU, same device count).
@@ -31,8 +33,9 @@ from xray_dit import metric_writer, sharding
 
 Params = Any
 Batch = Mapping[str, np.ndarray]
-# loss_fn(params, batch, rng, step) -> (scalar loss, {name: scalar}); runs inside jit.
-LossFn = Callable[[Params, Batch, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# loss_fn(params, batch, rng, step) -> (scalar loss, {name: scalar}); runs inside jit. A task with model
+# state: loss_fn(params, batch, rng, step, model_state) -> (scalar loss, ({name: scalar}, new model_state)).
+LossFn = Callable[..., tuple[jax.Array, Any]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,6 +56,12 @@ class TrainTask:
     initial_params: Params | None = None
     # Per-parameter learning-rate multipliers (layer-wise decay); same tree as params.
     lr_multipliers: Params | None = None
+    # The model's mutable non-trained variables, e.g. {"batch_stats": ...} of BatchNorm: rng -> tree. When
+    # set, the state keeps them as "model_state", loss_fn takes and returns them (see LossFn), and with EMA
+    # "ema_model_state" averages them like the parameters, so EMA parameters are evaluated with statistics
+    # that follow them (timm's ModelEmaV2 does the same for BatchNorm buffers).
+    init_model_state: Callable[[jax.Array], Any] | None = None
+    initial_model_state: Any | None = None        # imported statistics, as initial_params
     # Extra non-trainable arrays the loss needs are closed over by loss_fn, not kept here.
 
 
@@ -104,15 +113,24 @@ def make_update_fn(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay:
     def update(state, batch):
         step = state["step"]
         rng = jax.random.fold_in(state["rng"], step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng, step)
+        has_model_state = "model_state" in state
+        model_state_args = (state["model_state"],) if has_model_state else ()
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng, step,
+                                                                       *model_state_args)
+        metrics, model_state = aux if has_model_state else (aux, None)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = dict(state, params=keep(params, state["params"]),
                          opt_state=keep(opt_state, state["opt_state"]), step=step + 1)
+        if has_model_state:
+            new_state["model_state"] = keep(model_state, state["model_state"])
         if ema_decay > 0:
             new_state["ema_params"] = keep(ema_update(state["ema_params"], params, ema_decay), state["ema_params"])
+            if has_model_state:
+                new_state["ema_model_state"] = keep(ema_update(state["ema_model_state"], model_state, ema_decay),
+                                                    state["ema_model_state"])
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), finite=finite)
         return new_state, metrics
     return update
@@ -229,6 +247,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
                  "step": jnp.asarray(0, jnp.int32), "rng": state_rng}
         if use_ema:
             state["ema_params"] = jax.tree.map(jnp.copy, params)
+        if task.init_model_state is not None:
+            state["model_state"] = _initial_model_state(task, init_rng, mesh, rules)
+            if use_ema:
+                state["ema_model_state"] = jax.tree.map(jnp.copy, state["model_state"])
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
         # ---- Checkpoint: resume if this workdir has one -----------------------------------------
@@ -293,6 +315,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
             _evaluate(task, state, step, writer)
         writer.close()
     return state
+
+
+def _initial_model_state(task: TrainTask, rng: jax.Array, mesh, rules) -> Any:
+    shardings = sharding.logical_to_shardings(jax.eval_shape(task.init_model_state, rng), mesh, rules)
+    if task.initial_model_state is not None:
+        return jax.device_put(task.initial_model_state, shardings)
+    return jax.jit(lambda r: nn.meta.unbox(task.init_model_state(r)), out_shardings=shardings)(rng)
 
 
 def _evaluate(task: TrainTask, state: dict, step: int, writer: metric_writer.MetricWriter) -> None:

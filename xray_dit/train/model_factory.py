@@ -16,9 +16,10 @@ import ml_collections
 
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
+from xray_dit.models import resnet as resnet_lib
 from xray_dit.models import vae as vae_lib
 
-KINDS = {"dit": dit_lib.DiT, "vae": vae_lib.AutoencoderKL, "eva02": eva02_lib.Eva02}
+KINDS = {"dit": dit_lib.DiT, "vae": vae_lib.AutoencoderKL, "eva02": eva02_lib.Eva02, "resnet": resnet_lib.ResNet}
 
 
 def dtype_from_name(name: str) -> Any:
@@ -51,6 +52,14 @@ def model_fields(model) -> dict:
     return fields
 
 
+def kind_of(model) -> str:
+    """The export kind of a model (the key of `KINDS` its class is under)."""
+    for kind, cls in KINDS.items():
+        if isinstance(model, cls):
+            return kind
+    raise ValueError(f"no export kind for a {type(model).__name__}; expected one of {sorted(KINDS)}")
+
+
 def model_from_info(info: dict, **overrides):
     """Rebuilds the model of an export; `overrides` (e.g. dtype for inference) win."""
     kind = info.get("kind")
@@ -66,6 +75,8 @@ def model_from_info(info: dict, **overrides):
 
 
 def _check_classifier_patch(config: ml_collections.ConfigDict) -> None:
+    if config.classifier.model in resnet_lib.RESNET_SIZES:   # no patches: any size pools to one vector
+        return
     size, patch = int(config.data.image_size), int(config.classifier.patch_size)
     if size and patch and size % patch:
         raise ValueError(f"image size {size} is not divisible by the classifier's patch size {patch}; change "
@@ -73,13 +84,29 @@ def _check_classifier_patch(config: ml_collections.ConfigDict) -> None:
 
 
 def classifier_from_config(config: ml_collections.ConfigDict, *, num_classes: int):
+    """`classifier.model` names an EVA-02 size (tiny, Ti, S, B) or a ResNet (resnet_tiny, resnet18/34/50)."""
     c = config.classifier
+    if c.model in resnet_lib.RESNET_SIZES:
+        return _resnet_from_config(config, num_classes=num_classes)
+    if c.model not in eva02_lib.EVA02_SIZES:
+        raise ValueError(f"unknown classifier.model {c.model!r}; choose an EVA-02 size "
+                         f"({', '.join(eva02_lib.EVA02_SIZES)}) or a ResNet ({', '.join(resnet_lib.RESNET_SIZES)})")
     _check_classifier_patch(config)
     overrides = {k: v for k, v in dict(embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads).items() if v}
     return eva02_lib.make_eva02(c.model, img_size=config.data.image_size, num_classes=num_classes, in_channels=1,
                                 patch_size=c.patch_size, drop_path_rate=c.drop_path_rate,
                                 dtype=dtype_from_name(config.compute_dtype), attention_impl=attention_impl(config),
                                 **overrides)
+
+
+def _resnet_from_config(config: ml_collections.ConfigDict, *, num_classes: int):
+    c = config.classifier
+    for key in ("drop_path_rate", "embed_dim", "depth", "num_heads"):
+        if c[key]:
+            raise ValueError(f"classifier.{key}={c[key]} is an EVA-02 setting that {c.model} does not have; "
+                             f"set --config.classifier.{key}=0")
+    return resnet_lib.make_resnet(c.model, img_size=config.data.image_size, num_classes=num_classes, in_channels=1,
+                                  dtype=dtype_from_name(config.compute_dtype))
 
 
 def vae_from_config(config: ml_collections.ConfigDict):

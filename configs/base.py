@@ -89,6 +89,9 @@ def get_config(arg=None):
         # VAE round trip with this probability, per example and epoch, so smoothness is no label cue.
         roundtrip_dir="",              # folder from study.arms.write_roundtrip_store (all training images)
         roundtrip_prob=0.0,
+        # "" = the prepared splits; else a CSV `image_id,split` that redraws them (e.g. cross-validation
+        # folds): each listed image goes to the named split, unlisted images are not used.
+        split_file="",
         augment=ml_collections.ConfigDict(dict(
             rotation_deg=5.0, scale=0.05, translate=0.03, brightness=0.05, contrast=0.05,
             hflip=False,               # a flipped chest X-ray puts the heart on the wrong side
@@ -104,6 +107,9 @@ def get_config(arg=None):
         pos_weight="",                 # "" | "balanced": up-weight positives by neg/pos ratio
         init_from="",                  # export from tools/import_weights (timm EVA-02; torchvision/timm ResNet)
         select_metric="auc/mean",      # validation metric that picks the kept ("best") parameters
+        # Reference models fitted on the same training images and reported beside the network's AUC in
+        # results.json ("baselines"): pixel_logreg_<size> = logistic regression on size x size pixels.
+        baselines=("pixel_logreg_16", "pixel_logreg_32"),
         train=train_config(lr=3e-4, weight_decay=0.05, ema_decay=0.0, steps=5000, batch_size=128),
     ))
 

@@ -7,7 +7,9 @@ trains its running statistics as the loop's model state and is evaluated with th
 At the end, on the test split with those parameters: per-class AUC table, ROC curves, a confusion
 matrix per class at the validation-chosen (Youden) threshold, and `predictions_{validation,test}.csv`
 (image id, patient id, labels, probabilities) for the study's statistics. The test split is used for
-nothing else: no threshold, no model selection.
+nothing else: no threshold, no model selection. Beside the network, the configured baselines
+(`classifier.baselines`, e.g. logistic regression on 16x16 pixels; `evaluation/baselines.py`) are fitted on
+the same real training images, their C chosen on validation, and scored on test.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flax import traverse_util
 
 from xray_dit import checkpoint, sharding
 from xray_dit.data import pipeline, prepared
+from xray_dit.evaluation import baselines as baselines_lib
 from xray_dit.evaluation import classification, plots
 from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import factory
@@ -32,6 +35,9 @@ from xray_dit.models import resnet as resnet_lib
 from xray_dit.train import eval_pass, loop
 
 MAX_POS_WEIGHT = 50.0
+# Baseline results by everything they depend on: a study's seeds and arms share the real training split, so
+# the baselines are fitted once per process.
+_BASELINE_CACHE: dict[tuple, dict] = {}
 
 
 def positive_weights(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -126,6 +132,12 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     directory = prepared.ensure_prepared(config, workdir)
     class_names = tuple(config.data.labels)
     model = factory.classifier_from_config(config, num_classes=len(class_names))
+    size = int(config.data.image_size)
+    baseline_sizes = baselines_lib.pixel_sizes(tuple(cfg.baselines))
+    for name, side in baseline_sizes.items():
+        if size % side:
+            raise ValueError(f"classifier baseline {name} needs an image size divisible by {side}, got {size}; "
+                             "change config.classifier.baselines (e.g. to pixel_logreg_<a divisor of the size>)")
 
     train_table = pipeline.metadata_table(config.data, "train", data_dir=directory)
     columns = train_table.label_columns(class_names)
@@ -215,13 +227,39 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     kept, _ = checkpoint.load_export(best_dir, export_tree(_evaluated_variables(state)), kind=kind)
     best = json.loads(best_info_path.read_text())
     return evaluate_on_test(config, workdir, predictions, variables_from_export(kept, state_names), class_names,
-                            directory, best, validation=best_validation.get(best["step"]))
+                            directory, best, validation=best_validation.get(best["step"]),
+                            baselines=lambda: pixel_baselines(config, directory, mesh, baseline_sizes, eval_bs))
+
+
+def pixel_baselines(config, directory, mesh, sizes: dict[str, int], batch_size: int) -> dict:
+    """`baselines.pixel_logreg` for each named size, on the real train/validation/test splits (un-augmented)."""
+    if not sizes:
+        return {}
+    key = (str(directory), repr(config.data.to_dict()), tuple(sorted(sizes.items())))
+    if key in _BASELINE_CACHE:
+        return _BASELINE_CACHE[key]
+
+    @jax.jit
+    def downsample(_, batch):
+        return {name: baselines_lib.area_downsample(batch["image"], side) for name, side in sizes.items()}
+
+    passes = {split: eval_pass.run_over_split(downsample, None, config, directory, split, mesh, batch_size=batch_size,
+                                           keys=("labels", "label_mask"))
+              for split in ("train", "validation", "test")}
+    labels = {split: out["labels"] for split, out in passes.items()}
+    masks = {split: out["label_mask"] for split, out in passes.items()}
+    results = {name: {"size": side, **baselines_lib.pixel_logreg({s: out[name] for s, out in passes.items()}, labels,
+                                                                 masks, tuple(config.data.labels))}
+               for name, side in sizes.items()}
+    _BASELINE_CACHE[key] = results
+    return results
 
 
 def evaluate_on_test(config, workdir, predictions, variables, class_names, directory, best, *,
-                     validation=None) -> dict:
+                     validation=None, baselines=None) -> dict:
     """Test metrics and plots of the kept variables; `validation`: their validation predictions, if at hand
-    (the evaluation that chose them made them), else they are computed again."""
+    (the evaluation that chose them made them), else they are computed again; `baselines`: a function giving
+    the baselines' results, reported beside the network's (results.json "baselines", test_auc.md columns)."""
     val = validation if validation is not None else predictions(variables, "validation")
     test = predictions(variables, "test")
     tables = {split: pipeline.metadata_table(config.data, split, data_dir=directory) for split in ("validation", "test")}
@@ -241,13 +279,15 @@ def evaluate_on_test(config, workdir, predictions, variables, class_names, direc
                                                    thresholds[name]).tolist()
     results["thresholds_from_validation"] = thresholds
     results["test_confusion"] = confusion
+    results["baselines"] = baselines() if baselines is not None else {}
     if jax.process_index() == 0:
         for split, out in (("validation", val), ("test", test)):
             table = tables[split]
             classification.write_predictions(workdir / f"predictions_{split}.csv", table.image_id[out["index"]],
                                              table.patient_id[out["index"]], out["labels"], out["probs"],
                                              class_names, mask=out["label_mask"] > 0)
-        (workdir / "test_auc.md").write_text(classification.auc_table_markdown({"test AUC": test_aucs}))
+        columns = {"test AUC": test_aucs} | {f"{name} (test)": b["test_auc"] for name, b in results["baselines"].items()}
+        (workdir / "test_auc.md").write_text(classification.auc_table_markdown(columns))
         curves = classification.roc_curves(test["labels"], test["probs"], class_names, test["label_mask"] > 0)
         if curves:
             plots.plot_roc_curves(curves, workdir / "roc_test.png", title="ROC curves (test)")
@@ -256,6 +296,8 @@ def evaluate_on_test(config, workdir, predictions, variables, class_names, direc
                                         title=f"{name} (test; threshold {thresholds[name]:.3f} from validation)")
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     logging.info("classifier test AUC: %s", {k: round(v, 4) for k, v in test_aucs.items()})
+    for name, baseline in results["baselines"].items():
+        logging.info("baseline %s test AUC: %s", name, {k: round(v, 4) for k, v in baseline["test_auc"].items()})
     return results
 
 

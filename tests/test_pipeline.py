@@ -275,7 +275,7 @@ def test_a_split_file_redraws_the_splits_across_prepared_ones(data_dir, tmp_path
         for row in (0, len(table) - 1):
             prepared, record = every_image[table.image_id[row]]
             np.testing.assert_allclose(images[row], unaugmented(data_dir, prepared, [record])[0, ..., 0], atol=1e-6)
-    with pytest.raises(ValueError, match="no split 'train'.*fold_a"):
+    with pytest.raises(DataError, match="no split 'train'.*fold_a"):
         pipeline.metadata_table(config, "train")
     assert len(take(pipeline.make_dataset(config, "fold_a", train=True, seed=0, batch_size=8), 3)) == 3
 
@@ -296,7 +296,7 @@ def test_a_split_file_that_leaks_a_patient_or_names_unknown_images_is_refused(da
                               batch_size=8)
     unknown = tmp_path / "unknown.csv"
     split_rows.write_split_file(unknown, {**split_of, "not_an_image.png": "fold_a"})
-    with pytest.raises(ValueError, match="1 image.*not_an_image.png"):
+    with pytest.raises(DataError, match="1 image.*not_an_image.png"):
         pipeline.metadata_table(data_config(data_dir, split_file=str(unknown)), "fold_a")
     bad_header = tmp_path / "bad.csv"
     bad_header.write_text("image,fold\nx,a\n")

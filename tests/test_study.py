@@ -1,7 +1,8 @@
 """The study end to end on a micro configuration: every artefact, statistics on the right rows, resume.
 
-One run (module-scoped) of all nine phases on a 400-image phantom with tiny models, watched by spies that
-record which split every image pass reads and which rows the statistics receive.
+One run (module-scoped) of all nine phases on a 400-image phantom with tiny models, every arm kind and two
+generator seeds, watched by spies that record which split every image pass reads, which rows the statistics
+receive and what each classifier run mixes in. The scarcity runner's fraction loop is tested on stand-in phases.
 """
 
 import collections
@@ -392,3 +393,29 @@ def test_one_fraction_keeps_the_flat_layout_and_conflicting_fractions_are_refuse
     config.study.target_fractions = (0.5, 0.5)
     with pytest.raises(ValueError, match="distinct fractions"):
         phases.run(config, tmp_path / "other")
+
+
+@pytest.mark.parametrize("name, kinds, num_arms, fractions", [
+    ("quickstart", {"synthetic", "oversampled", "phantom_positive"}, 3, [1.0]),
+    ("phantom_full", set(arms.ARM_KINDS), 21, [1.0, 0.25]),
+    ("study", set(arms.ARM_KINDS) - {"phantom_positive"}, 28, [1.0, 0.25]),   # NIH: no phantom control
+])
+def test_study_configs_plan_the_design_they_promise(name, kinds, num_arms, fractions):
+    import importlib
+
+    from xray_dit import main
+    from xray_dit.study import training
+    config = importlib.import_module(f"configs.{name}").get_config()
+    main._check_config(config)
+    generators = [{"name": training.generator_name(variant, seed), "seed": seed}
+                  for variant in training.generator_variants(config) for seed in config.study.generator_seeds]
+    plan = arms.plan_arms(config.study, accepted_count=int(config.study.num_synthetic),
+                          have_phantom=config.data.name == "cxr_phantom", generators=generators)
+    assert {a["kind"] for a in plan} == kinds and len(plan) == num_arms
+    primary = {(a["kind"], a["generator"]) for a in plan if a["primary"]}
+    assert {("oversampled", None)} | {("synthetic", g["name"]) for g in generators} <= primary
+    assert phases.target_fractions(config) == fractions
+    assert config.study.num_synthetic >= max(config.study.synthetic_counts)
+    assert config.classifier.select_metric == f"auc/{config.data.target_class}"
+    if name != "quickstart":
+        assert set(config.study.generators) == set(training.GENERATOR_VARIANTS)

@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from sklearn.model_selection import StratifiedGroupKFold
 
 from bench.data_pipeline import _machine
-from xray_dit.data import builders, pipeline, splits
+from xray_dit.data import builders, pipeline, split_rows, splits
 from xray_dit.train import classifier
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -157,13 +157,25 @@ def get_config(arg=None):
 
     config.study = ml_collections.ConfigDict(dict(
         seeds=(0, 1, 2),               # classifier seeds per arm
+        # Scarcity axis: with several fractions the study runs phases 01-08 once per fraction (each with
+        # data.target_fraction set, in <workdir>/fraction_<f>/) and one report over all of them.
+        target_fractions=(1.0,),
+        # Generators (03_dit, 04_generate): target_only = a DiT on the target class's latents alone;
+        # class_conditional = one DiT on every training image with its class, sampled for the target class
+        # with classifier-free guidance at guidance_scale. Each variant samples num_synthetic images once per
+        # generator seed (independent draws from the same trained DiT).
+        generators=("target_only",),
+        generator_seeds=(0,),
+        guidance_scale=2.0,
         num_synthetic=500,
-        # Arms (study/arms.py): real + N images, N over these doses (capped at the accepted synthetic count).
+        # Arms (study/arms.py): real + N images, N over these doses (capped at the fewest images any generator
+        # had accepted).
         synthetic_counts=(500,),
         primary_count=0,               # the dose of the primary comparison (synthetic − oversampled); 0 = the largest
         # Arm kinds: synthetic | oversampled | phantom_positive (phantom data only: fresh phantom patients with
         # the finding, the positive control) | vae_roundtrip (real target images through the VAE) |
-        # synthetic_mitigated (synthetic, real images round-tripped with roundtrip_prob).
+        # synthetic_mitigated (synthetic, real images round-tripped with roundtrip_prob). The generated kinds
+        # run once per generator (variant x generator seed).
         arms=("synthetic", "oversampled", "phantom_positive", "vae_roundtrip"),
         swept_arms=("synthetic", "oversampled"),   # run at every dose; the other kinds at primary_count only
         roundtrip_prob=0.5,            # synthetic_mitigated: chance a real training image is its VAE round trip

@@ -6,7 +6,7 @@ import pytest
 
 from bench import nih_cv
 from tests.helpers import tiny_configs
-from xray_dit.data import pipeline, splits
+from xray_dit.data import split_rows, splits
 
 LABELS = ("Pneumonia", "Effusion", "No Finding")
 

@@ -445,6 +445,16 @@ def test_dit_loss_is_the_same_on_one_device_and_on_an_fsdp_mesh(trained_dit, tmp
     assert len({round(sharded[s], 6) for s in steps}) > 1   # the steps differ, so the comparison has teeth
 
 
+def test_class_conditional_labels_put_the_target_first_and_images_without_findings_in_their_own_class():
+    names = ("Effusion", "Cardiomegaly", "Nodule")
+    classes = dit.conditioning_classes(names)
+    assert classes == ("Effusion", "Cardiomegaly", "Nodule", "No Finding")
+    assert dit.conditioning_classes(("Cardiomegaly", "No Finding")) == ("Cardiomegaly", "No Finding")
+    rows = np.array([[0, 0, 0], [1, 1, 0], [1, 0, 1], [0, 0, 1], [0, 1, 1]], np.float32)
+    got = dit.conditioning_labels(rows, names, classes, "Cardiomegaly")
+    assert [classes[i] for i in got] == ["No Finding", "Cardiomegaly", "Effusion", "Nodule", "Cardiomegaly"]
+
+
 def test_latent_cache_is_reused_when_unchanged_and_rebuilt_when_the_vae_changes(trained_vae, tmp_path):
     vae_workdir, config, _ = trained_vae
     vae_dir = tmp_path / "vae_export"

@@ -230,12 +230,7 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     local_batch = batch_size // process_count
     what = f"{split_rows.name(builder)} {split}" + (f" (as split by {cfg.split_file})" if cfg.split_file else "")
 
-    real = np.arange(len(table), dtype=np.int64)
-    if only_class is not None:
-        real = table.positives(only_class)
-        if not len(real):
-            raise DataError(f"{what} has no image known positive for {only_class!r}; nothing to train on. "
-                            f"Positives per label: {_positive_counts(table)}")
+    real = _real_rows(table, only_class, what)
     groups = None
     if train and cfg.balanced_sampling:
         groups = _class_groups(table, columns, real, label_names, what)
@@ -274,14 +269,29 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     else:
         ds = ds.map(augment.ToFloat())
     ds = ds.batch(local_batch, drop_remainder=train)
+    iter_ds = _to_iter_dataset(ds, cfg.num_workers if num_workers is None else num_workers)
+    logging.info("%s: %d real (%.0f %% round-tripped) + %d synthetic images per epoch, local batch %d, %s", what,
+                 len(real), 100 * roundtrip_prob, len(synthetic_indices), local_batch, "train" if train else "eval")
+    return iter_ds
 
-    workers = cfg.num_workers if num_workers is None else num_workers
+
+def _real_rows(table: splits.MetadataTable, only_class: str | None, what: str) -> np.ndarray:
+    """The table's rows a pipeline reads: all, or only those known positive for `only_class`."""
+    if only_class is None:
+        return np.arange(len(table), dtype=np.int64)
+    real = table.positives(only_class)
+    if not len(real):
+        raise DataError(f"{what} has no image known positive for {only_class!r}; nothing to train on. "
+                        f"Positives per label: {_positive_counts(table)}")
+    return real
+
+
+def _to_iter_dataset(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
+    """Reads with a few threads, and decodes in `workers` processes when there are any."""
     threads = max(1, min(4, os.cpu_count() or 1))
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
     if workers > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    logging.info("%s: %d real (%.0f %% round-tripped) + %d synthetic images per epoch, local batch %d, %s", what,
-                 len(real), 100 * roundtrip_prob, len(synthetic_indices), local_batch, "train" if train else "eval")
     return iter_ds
 
 

@@ -117,6 +117,55 @@ def _evaluated_variables(state: dict) -> dict:
     return {"params": state[f"{prefix}params"], **state.get(f"{prefix}model_state", {})}
 
 
+def _baseline_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The pixel baselines' sizes (`classifier.baselines`), each dividing the image size."""
+    size = int(config.data.image_size)
+    sizes = baselines_lib.pixel_sizes(tuple(config.classifier.baselines))
+    for name, side in sizes.items():
+        if size % side:
+            raise ValueError(f"classifier baseline {name} needs an image size divisible by {side}, got {size}; "
+                             "change config.classifier.baselines (e.g. to pixel_logreg_<a divisor of the size>)")
+    return sizes
+
+
+def _positive_weight(config: ml_collections.ConfigDict, directory) -> jax.Array | None:
+    """`classifier.pos_weight`: None, or "balanced" weights from the (possibly thinned) training split."""
+    mode, class_names = config.classifier.pos_weight, tuple(config.data.labels)
+    if not mode:
+        return None
+    if mode != "balanced":
+        raise ValueError(f"classifier.pos_weight must be '' or 'balanced', got {mode!r}")
+    table = pipeline.metadata_table(config.data, "train", data_dir=directory)
+    columns = table.label_columns(class_names)
+    weight = jnp.asarray(positive_weights(table.labels[:, columns], table.label_mask[:, columns]))
+    logging.info("classifier: positive weights %s", dict(zip(class_names, np.asarray(weight).round(2))))
+    return weight
+
+
+def _make_loss_fn(model, state_names: list[str], pos_weight: jax.Array | None):
+    """The loop's loss: masked BCE; a model with state (BatchNorm) also returns its updated statistics."""
+    def loss_fn(params, batch, rng, step, model_state=None):
+        del step
+        if model_state is None:
+            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+        else:
+            logits, model_state = model.apply({"params": params, **model_state}, batch["image"], train=True,
+                                              rngs={"dropout": rng}, mutable=state_names)
+        loss = bce_loss(logits, batch["labels"], batch["label_mask"], pos_weight)
+        return (loss, {"bce": loss}) if model_state is None else (loss, ({"bce": loss}, dict(model_state)))
+    return loss_fn
+
+
+def _initial_variables(init_from: str, kind: str, abstract: dict, state_names: list[str]):
+    """(params, model state or None) imported from `init_from`, or (None, None) to start fresh."""
+    if not init_from:
+        return None, None
+    loaded, info = checkpoint.load_export(init_from, export_tree(abstract), kind=kind)
+    variables = variables_from_export(loaded, state_names)
+    logging.info("classifier: starting from %s (%s)", init_from, info.get("source", "?"))
+    return variables.pop("params"), variables or None
+
+
 def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=None,
                      synthetic: str | None = None, synthetic_count: int | None = None) -> dict:
     """Trains, keeps the best validation parameters, evaluates them on test; returns the results.
@@ -132,21 +181,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     directory = prepared.ensure_prepared(config, workdir)
     class_names = tuple(config.data.labels)
     model = factory.classifier_from_config(config, num_classes=len(class_names))
-    size = int(config.data.image_size)
-    baseline_sizes = baselines_lib.pixel_sizes(tuple(cfg.baselines))
-    for name, side in baseline_sizes.items():
-        if size % side:
-            raise ValueError(f"classifier baseline {name} needs an image size divisible by {side}, got {size}; "
-                             "change config.classifier.baselines (e.g. to pixel_logreg_<a divisor of the size>)")
-
-    train_table = pipeline.metadata_table(config.data, "train", data_dir=directory)
-    columns = train_table.label_columns(class_names)
-    pos_weight = None
-    if cfg.pos_weight == "balanced":
-        pos_weight = jnp.asarray(positive_weights(train_table.labels[:, columns], train_table.label_mask[:, columns]))
-        logging.info("classifier: positive weights %s", dict(zip(class_names, np.asarray(pos_weight).round(2))))
-    elif cfg.pos_weight:
-        raise ValueError(f"classifier.pos_weight must be '' or 'balanced', got {cfg.pos_weight!r}")
+    baseline_sizes = _baseline_sizes(config)
+    pos_weight = _positive_weight(config, directory)
 
     def init_variables(rng):
         return factory.init_variables(model, rng)
@@ -157,24 +193,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     def init_model_state(rng):
         return {name: value for name, value in init_variables(rng).items() if name in state_names}
 
-    def loss_fn(params, batch, rng, step, model_state=None):
-        del step
-        if model_state is None:
-            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-        else:
-            logits, model_state = model.apply({"params": params, **model_state}, batch["image"], train=True,
-                                              rngs={"dropout": rng}, mutable=state_names)
-        loss = bce_loss(logits, batch["labels"], batch["label_mask"], pos_weight)
-        return (loss, {"bce": loss}) if model_state is None else (loss, ({"bce": loss}, dict(model_state)))
-
+    loss_fn = _make_loss_fn(model, state_names, pos_weight)
     kind = factory.kind_of(model)
-    initial = initial_model_state = None
-    if cfg.init_from:
-        loaded, info = checkpoint.load_export(cfg.init_from, export_tree(abstract), kind=kind)
-        initial_variables = variables_from_export(loaded, state_names)
-        initial = initial_variables.pop("params")
-        initial_model_state = initial_variables or None
-        logging.info("classifier: starting from %s (%s)", cfg.init_from, info.get("source", "?"))
+    initial, initial_model_state = _initial_variables(cfg.init_from, kind, abstract, state_names)
     multipliers = _layer_decay(model, abstract["params"], cfg.layer_decay) if cfg.layer_decay < 1 else None
 
     data = iter(pipeline.make_dataset(config.data, "train", train=True, seed=int(config.seed),

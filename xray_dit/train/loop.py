@@ -224,8 +224,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
             params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)),
                              out_shardings=param_shardings)(init_rng)
         tx = make_optimizer(train_cfg, task.lr_multipliers)
+        # The optimiser's parameter-shaped moments are split like the parameters: zeros made inside jit
+        # carry no sharding of their own, so without out_shardings every device would hold them whole.
+        opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+                                              transform_non_params=lambda _: sharding.replicated(mesh))
         use_ema = float(train_cfg.ema_decay) > 0
-        state = {"params": params, "opt_state": jax.jit(tx.init)(params),
+        state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
                  "step": jnp.asarray(0, jnp.int32), "rng": state_rng}
         if use_ema:
             state["ema_params"] = jax.tree.map(jnp.copy, params)

@@ -13,6 +13,7 @@ from xray_dit import checkpoint, sharding
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import vae as vae_lib
+from xray_dit.models.weights import WeightImportError
 from xray_dit.tools import import_weights
 from xray_dit.train import model_factory
 
@@ -78,6 +79,6 @@ def test_vae_weights_given_as_dit_are_refused(tmp_path):
     vae = vae_lib.make_vae(dict(in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1))
     state_dict = vae_lib.to_diffusers_state_dict(_random_like(vae_lib.abstract_params(vae)["params"]), vae)
     save_file(state_dict, str(tmp_path / "vae.safetensors"))
-    with pytest.raises(Exception, match="encoder"):
+    with pytest.raises(WeightImportError, match="encoder"):
         import_weights.import_weights("dit", str(tmp_path / "vae.safetensors"), str(tmp_path / "out"),
                                       model_name="DiT-S/2", image_size=64, num_classes=0)

@@ -171,11 +171,13 @@ def test_loop_shards_eva02_by_its_tensor_axis_rules(tmp_path):
         loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=1))
         return loss, {"ce": loss}
 
-    config = toy_task.toy_config(steps=1, batch_size=8, log_every=1, checkpoint_every=0)
+    # No step: the state as the loop lays it out (compiling EVA-02's sharded update would cost most of this
+    # test; the toy run above checks that updates keep the layout).
+    config = toy_task.toy_config(steps=0, batch_size=8, checkpoint_every=0)
     task = loop.TrainTask(name="eva02", init_params=lambda r: model.init(r, jnp.zeros((1, 16, 16, 1)))["params"],
                           loss_fn=loss_fn, train=config.dit.train, data=data)
     state = loop.train(config, tmp_path, task, mesh=sharding.make_mesh((1, 2, 4)))
-    assert int(state["step"]) == 1
+    assert int(state["step"]) == 0
     _assert_sharded(state, ("blocks_0", "attn", "qkv", "kernel"), P("fsdp", None, "tensor"), (16, 3, 8))
     _assert_sharded(state, ("blocks_0", "attn", "q_bias"), P("tensor"), (8,))
     _assert_sharded(state, ("blocks_0", "attn", "proj", "kernel"), P("tensor", "fsdp"), (8, 16))

@@ -184,6 +184,18 @@ def get_config(arg=None):
         realism_percentile=95.0,       # k-NN distance to real minority images within this percentile
         privacy_percentile=1.0,        # closer than this percentile of held-out → train distances
         duplicate_threshold=0.98,      # pixel correlation above which two samples are duplicates
+        # > 0: the duplicate threshold is this percentile of the pixel correlations between real target-class
+        # training images of different patients instead (the fixed value above is then unused).
+        duplicate_threshold_percentile=0.0,
+        # Privacy calibration (05_filter): held-out target-class → training target-class distances from
+        # validation when it holds this many target images, else from training patients split off for it.
+        calibration_min_count=50,
+        privacy_max_shift=2,           # pixel distance: the smallest over translations of up to this many px
+        # 08_privacy: injected near-copies of training images (positive control of the privacy thresholds)
+        # and the white-box membership attack (DiT ε-loss at these schedule indices, averaged over draws).
+        near_copies=100,
+        mia_timesteps=(50, 100, 200, 300, 400),
+        mia_noise_draws=4,
         bootstrap_samples=1000,
     ))
     return config

@@ -20,7 +20,7 @@ from xray_dit.data.builders import cxr_phantom
 from xray_dit.evaluation import classification, privacy
 from xray_dit.study import arms
 from xray_dit.study import context as context_lib
-from xray_dit.study import phases, probe
+from xray_dit.study import filters, phases, probe
 from xray_dit.study import report as report_lib
 from xray_dit.train import classifier as classifier_trainer
 from xray_dit.train import eval_pass
@@ -65,7 +65,8 @@ def study(tmp_path_factory):
         return original_passes(config, directory, split, batch_size, **kwargs)
 
     def spy_bootstrap(labels, scores, patient_ids, **kwargs):
-        bootstrap_calls.append(np.asarray(patient_ids))
+        if "compare" in {frame.function for frame in inspect.stack()}:
+            bootstrap_calls.append(np.asarray(patient_ids))
         return original_boot(labels, scores, patient_ids, **kwargs)
 
     def spy_threshold(*, heldout_to_train_distances, percentile):
@@ -113,7 +114,9 @@ def test_every_phase_finished_and_left_its_artefacts(study):
     for section in ["## Answer", "Classifier performance per arm", "Synthetic images and the filters", "## Privacy",
                     "Quality of the synthetic set", "## Limitations", "wall time"]:
         assert section in report
-    assert "p(Cardiomegaly) ≥" in report and "the 1st percentile of held-out" in report
+    assert "p(Cardiomegaly) ≥" in report and "at the 1st percentile" in report
+    # The privacy section leads with the one sentence of 09_report's answer.
+    assert "whether that patient was among" in report.split("## Privacy")[1].split("\n\n")[1]
     html = (workdir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6 and "<table>" in html
 
@@ -218,13 +221,51 @@ def test_bootstrap_resamples_the_test_patients(study):
         assert len(np.unique(patient_ids)) == compare["test_patients"] < len(patient_ids)
 
 
-def test_privacy_threshold_comes_from_held_out_validation_images(study):
-    filt = study["results"]["05_filter"]
+def test_privacy_thresholds_are_class_matched_and_reported_with_counts(study):
+    """Both thresholds come from held-out target-class images → target-class training images: validation when it
+    holds enough of them, else training patients split off; never the test split."""
     from xray_dit.data import pipeline
-    n_val = len(pipeline.metadata_table(study["config"].data, "validation", data_dir=study["data_dir"]))
+    config, filt = study["config"], study["results"]["05_filter"]
+    table = pipeline.metadata_table(config.data, "validation", data_dir=study["data_dir"])
+    t = list(config.data.labels).index(config.data.target_class)
+    validation_target = int(table.labels[:, t].sum())
+    expected = "validation" if validation_target >= config.study.calibration_min_count else "train split-off"
     assert len(study["threshold_inputs"]) == 2  # pixel and feature space
-    assert all(len(d) == n_val for d in study["threshold_inputs"])
-    assert filt["threshold_sources"]["privacy"].startswith("validation")
+    for space, distances in zip(("pixel", "feature"), study["threshold_inputs"]):
+        entry = filt["calibration"][space]
+        assert entry["source"] == expected and len(distances) == entry["heldout_count"] > 0
+        assert entry["reference_count"] + (entry["heldout_count"] if expected != "validation" else 0) == \
+            filt["real_minority_train"]
+        assert filt["thresholds"][f"privacy_{space}"] == pytest.approx(np.percentile(distances, 1.0))
+    assert filt["threshold_sources"]["privacy"].startswith("class-matched: " + expected)
+    with np.load(study["workdir"] / "05_filter" / filters.CALIBRATION) as saved:
+        np.testing.assert_array_equal(saved["heldout_to_train_pixel"], study["threshold_inputs"][0])
+    dup = filt["duplicate_reference"]
+    assert dup["threshold"] == filt["thresholds"]["duplicate_correlation"] == config.study.duplicate_threshold
+    assert 0.0 <= dup["real_pair_fraction_above"] <= 1.0 and dup["real_pairs"] > 0
+
+
+def test_accepted_flags_are_the_recomputed_comparisons_of_per_sample_scores(study):
+    filt = study["results"]["05_filter"]
+    th = filt["thresholds"]
+    assert list(filt["generators"]) == ["generator_0"]
+    for name, gen in filt["generators"].items():
+        scores = json.loads(open(gen["per_sample"]).read())
+        arr = {k: np.asarray(v) for k, v in scores.items()}
+        recomputed = {"label_fidelity": arr["p_target"] >= th["fidelity_probability"],
+                      "realism": arr["knn_distance"] <= th["realism_knn"],
+                      "privacy": (arr["nn_pixel_distance"] > th["privacy_pixel"])
+                      & (arr["nn_feature_distance"] > th["privacy_feature"]),
+                      "duplicates": arr["duplicate_correlation"] <= th["duplicate_correlation"]}
+        for criterion, flags in recomputed.items():
+            assert arr[f"pass_{criterion}"].tolist() == flags.tolist(), criterion
+            assert gen["criteria"][criterion.replace("_", " ")]["passed"] == int(flags.sum())
+        accepted = np.logical_and.reduce(list(recomputed.values()))
+        assert arr["accepted"].tolist() == accepted.tolist() and gen["accepted"] == int(accepted.sum())
+        assert gen["generated"] == len(accepted) == 16
+        if accepted.any():
+            manifest = open(f"{gen['accepted_dir']}/manifest.csv").read().splitlines()
+            assert len(manifest) - 1 == gen["accepted"]
 
 
 def test_filter_and_privacy_phases_read_each_split_once(study):
@@ -242,18 +283,41 @@ def test_no_test_image_is_used_for_filtering_thresholds_or_selection(study):
         assert not callers & {"run_filters", "evaluate"}, "test split read while filtering or selecting a model"
 
 
-def test_privacy_and_quality_numbers_are_in_range(study):
-    priv = study["results"]["08_privacy"]
+def test_privacy_and_quality_numbers_are_in_range_with_their_intervals(study):
+    priv, filt = study["results"]["08_privacy"], study["results"]["05_filter"]
     assert 0.0 <= priv["memorisation_rate"] <= 1.0
-    assert 0.0 <= priv["membership_inference"]["auc"] <= 1.0
-    assert priv["quality"]["all generated"]["n"] == 16
+    scores = json.loads(open(filt["generators"]["generator_0"]["per_sample"]).read())
+    flagged = np.asarray(scores["nn_pixel_distance"]) <= filt["thresholds"]["privacy_pixel"]
+    assert priv["memorisation"]["flagged"] == flagged.sum() <= filt["generators"]["generator_0"]["flagged_as_memorised"]
+    controls = priv["privacy_controls"]
+    assert controls["copies"] == study["config"].study.near_copies and controls["fresh"] == priv["real_minority_test"]
+    for name in ("memorisation_detector", "privacy_filter"):
+        rates = controls[name]
+        for key in ("detected", "false_positive"):
+            lower, upper = rates[f"{key}_ci"]
+            assert 0.0 <= lower <= rates[key] <= upper <= 1.0
+    assert controls["memorisation_detector"]["threshold"] == filt["thresholds"]["privacy_pixel"]
+    mia = priv["membership_inference"]
+    from xray_dit.study import privacy as privacy_phase
+    assert set(mia[privacy_phase.DISTANCE_ATTACK]) == {"all generated", "accepted"} or \
+        set(mia[privacy_phase.DISTANCE_ATTACK]) == {"all generated"} == {k for k, v in priv["sets"].items() if v}
+    assert set(mia[privacy_phase.DENOISING_ATTACK]) == {"DiT"}
+    for sets in mia.values():
+        for entry in sets.values():
+            assert 0.0 <= entry["lower"] <= entry["auc"] <= entry["upper"] <= 1.0 and 0.0 < entry["p_value"] <= 1.0
+            assert entry["members"] == priv["members"] and entry["non_members"] == priv["non_members"]
+    white_box = mia[privacy_phase.DENOISING_ATTACK]["DiT"]
+    assert white_box["timesteps"] == list(study["config"].study.mia_timesteps) and white_box["noise_draws"] == 4
+    quality = priv["quality"]
+    assert quality["encoder"] == "baseline classifier of seed 1" and not quality["circular"]
+    assert quality["rows"]["all generated"]["available"] == 16
+    assert len({row["n"] for row in quality["rows"].values()}) == 1
+    for name, d in priv["detectability"].items():
+        assert 0.0 <= d["lower"] <= d["auc"] <= d["upper"] <= 1.0 and d["n_real"] == priv["non_members"]
+    assert "all generated" in priv["detectability"]
     assert "ctr_oracle" in priv and priv["ctr_oracle"]["generated"] == 16
-    # The privacy phase reports the distances the filter phase computed (pixel space first), not new ones.
-    from xray_dit.study import filters
-    with np.load(study["workdir"] / "05_filter" / filters.PIXEL_DISTANCES) as saved:
-        np.testing.assert_array_equal(saved["heldout_to_train"], study["threshold_inputs"][0])
-        assert priv["synthetic_to_train_median"] == pytest.approx(float(np.median(saved["synthetic_to_train"])))
-    assert priv["heldout_to_train_median"] == pytest.approx(float(np.median(study["threshold_inputs"][0])))
+    with np.load(study["workdir"] / "05_filter" / filters.CALIBRATION) as saved:
+        assert priv["heldout_to_train_median"] == pytest.approx(float(np.median(saved["heldout_to_train_pixel"])))
 
 
 def test_rerun_skips_done_phases_and_rerun_from_repeats_the_tail(study, monkeypatch):
@@ -276,12 +340,8 @@ def test_rerun_skips_done_phases_and_rerun_from_repeats_the_tail(study, monkeypa
         phases.run(config, study["workdir"])
 
 
-def test_filters_on_constructed_sets():
-    from xray_dit.study import filters
+def test_realism_distance_on_constructed_sets():
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(5, 8, 8))
-    images[3] = images[1] * 2 + 0.5          # perfectly correlated with image 1
-    assert filters.greedy_duplicates(images, 0.98).tolist() == [False, False, False, True, False]
     reference = rng.normal(size=(20, 4))
     query = np.concatenate([reference[:2], rng.normal(size=(2, 4)) * 10])
     d = filters.kth_neighbour_distance(query, reference, 1)
@@ -317,12 +377,11 @@ def test_context_computes_each_shared_thing_once(tmp_path, monkeypatch):
         context.synthetic_images("class_conditional_seed0")
 
 
-def test_report_names_the_target_and_ordinals():
-    assert [report_lib.ordinal(v) for v in (1, 2, 3, 5, 11, 12, 13, 21, 22, 2.5)] == [
-        "1st", "2nd", "3rd", "5th", "11th", "12th", "13th", "21st", "22nd", "2.5th"]
+def test_report_states_each_filter_threshold():
     thresholds = {"fidelity_probability": 0.5, "realism_knn": 0.1, "privacy_pixel": 0.2, "privacy_feature": 0.3,
                   "duplicate_correlation": 0.98}
     assert report_lib._threshold_text("label fidelity", thresholds, "Effusion") == "p(Effusion) ≥ 0.50"
+    assert report_lib._threshold_text("privacy", thresholds, "Effusion") == "pixel > 0.2000 and feature > 0.3000"
 
 
 def test_quality_encoder_is_a_baseline_seed_the_filters_did_not_use():

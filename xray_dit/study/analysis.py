@@ -1,4 +1,4 @@
-"""Phases 7 and 8: comparing the arms, and the privacy and quality of the synthetic set.
+"""Phase 7: comparing the arms.
 
 Statistics on the test split: per arm, each seed's AUCs (mean ± sd over seeds) and the seed-ensemble
 (mean probability over seeds) with a patient-level bootstrap 95 % CI; paired against the real-only
@@ -13,8 +13,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from xray_dit.evaluation import classification, ctr_oracle, plots, privacy, synthesis
-from xray_dit.study import filters, probe
+from xray_dit.evaluation import classification, plots
 from xray_dit.study.context import StudyContext
 
 BASELINE = "real only"
@@ -120,90 +119,3 @@ def _statement(arm: str, row: dict, target: str) -> str:
     return (f"'{arm}' vs '{BASELINE}': {target} AUC difference {d:+.3f} (patient-bootstrap 95% CI "
             f"[{lo:+.3f}, {hi:+.3f}]; DeLong p = {vs['delong_p']:.3g}) — {verdict} {direction} at α = {ALPHA}"
             f"{caveat}.")
-
-
-# --------------------------------------------------------------------------------------------------
-# Phase 8: privacy and quality of the synthetic set
-# --------------------------------------------------------------------------------------------------
-def privacy_and_quality(context: StudyContext) -> dict:
-    config = context.config
-    out_dir = context.phase_dir("08_privacy")
-    names = list(config.data.labels)
-    target = config.data.target_class
-    t = names.index(target)
-    thresholds = context.results["05_filter"]["thresholds"]
-    probe_model = context.probe()
-
-    synthetic = context.synthetic_images()   # before filtering
-    train = context.real_images("train")
-    heldout = context.real_images("validation")
-    test_minority = context.real_images("test", only_class=target)
-    train_minority = train.subset(train.labels[:, t] == 1)
-    heldout_minority = heldout.subset(heldout.labels[:, t] == 1)
-
-    # Nearest-training-image distances in pixel space (1 - correlation) and their threshold: the filter phase
-    # computed both for every generated image (before filtering) and every validation image.
-    with (context.phase_dir("05_filter") / filters.PIXEL_DISTANCES).open("rb") as f, np.load(f) as saved:
-        syn_d, syn_nn, heldout_d = (saved[k] for k in ("synthetic_to_train", "synthetic_nearest_train",
-                                                       "heldout_to_train"))
-    px = {k: probe.downsample_for_pixels(v.images) for k, v in
-          dict(syn=synthetic, train_min=train_minority, heldout_min=heldout_minority).items()}
-    memorised = privacy.memorisation_rate(syn_d, thresholds["privacy_pixel"])
-    hist = plots.plot_distance_histograms({"synthetic → train": syn_d, "held-out real → train": heldout_d},
-                                          thresholds["privacy_pixel"], out_dir / "nn_distance_histogram.png",
-                                          xlabel="1 − pixel correlation to the nearest training image")
-    closest = np.argsort(syn_d)[:8]
-    pairs = plots.plot_nn_pairs(synthetic.images[closest], train.images[syn_nn[closest]], syn_d[closest],
-                                out_dir / "closest_pairs.png")
-    # Membership inference: are training minority images closer to the synthetic set than held-out ones?
-    mia = {}
-    if len(heldout_minority) and len(train_minority):
-        member_d, _ = privacy.pixel_nearest_neighbours(px["train_min"], px["syn"])
-        nonmember_d, _ = privacy.pixel_nearest_neighbours(px["heldout_min"], px["syn"])
-        mia = {"auc": privacy.membership_inference_auc(member_d, nonmember_d), "members": len(member_d),
-               "non_members": len(nonmember_d)}
-
-    # Quality in the classifier's feature space: real minority test images vs synthetic (all, and accepted).
-    _, syn_feats = probe_model(synthetic.images)
-    _, real_feats = probe_model(test_minority.images)
-    per_sample = json.loads((context.phase_dir("05_filter") / "per_sample.json").read_text())
-    accepted = np.logical_and.reduce([np.asarray(per_sample[k], bool) for k in per_sample if k.startswith("pass_")])
-    quality = {}
-    for name, feats in (("all generated", syn_feats), ("accepted", syn_feats[accepted])):
-        if len(feats) >= 2 and len(real_feats) >= 2:
-            prdc = synthesis.precision_recall_density_coverage(real_feats, feats, k=min(5, len(real_feats) - 1, len(feats) - 1))
-            quality[name] = {"frechet_distance": synthesis.frechet_distance(real_feats, feats), **prdc._asdict(),
-                             "n": int(len(feats))}
-    diversity = {"synthetic": synthesis.ms_ssim_diversity(synthetic.images, num_pairs=500, value_range=(-1.0, 1.0)),
-                 "real minority (train)": synthesis.ms_ssim_diversity(train_minority.images, num_pairs=500,
-                                                                      value_range=(-1.0, 1.0))
-                 if len(train_minority) >= 2 else float("nan")}
-    grid = plots.image_grid(np.concatenate([train_minority.images[:8], synthetic.images[:16]]),
-                            out_dir / "real_vs_synthetic.png", nrow=8,
-                            title="top row: real training images of the target class; below: synthetic")
-
-    result = {"memorisation_rate": memorised, "privacy_threshold_pixel": thresholds["privacy_pixel"],
-              "synthetic_to_train_median": float(np.median(syn_d)), "heldout_to_train_median": float(np.median(heldout_d)),
-              "membership_inference": mia, "quality": quality, "ms_ssim_diversity": diversity,
-              "real_minority_test": len(test_minority), "synthetic": len(synthetic),
-              "figures": {"histogram": str(hist), "closest_pairs": str(pairs), "grid": str(grid)}}
-    if config.data.name == "cxr_phantom":
-        result["ctr_oracle"] = _ctr_fidelity(synthetic.images, train_minority.images, out_dir)
-    (out_dir / "privacy.json").write_text(json.dumps(result, indent=2, default=float))
-    return result
-
-
-def _ctr_fidelity(synthetic: np.ndarray, real_minority: np.ndarray, out_dir: epath.Path) -> dict:
-    """Label fidelity by the phantom's CTR oracle: does a generated 'Cardiomegaly' image have CTR > 0.5?"""
-    syn = np.array([ctr_oracle.measure_ctr(im) for im in synthetic])
-    real = np.array([ctr_oracle.measure_ctr(im) for im in real_minority])
-    measurable = np.isfinite(syn)
-    figure = None
-    if measurable.any() and np.isfinite(real).any():
-        figure = plots.plot_ctr_distributions(real[np.isfinite(real)], syn[measurable], out_dir / "ctr_distributions.png")
-    return {"fraction_ctr_above_0.5": float(np.mean(syn[measurable] > 0.5)) if measurable.any() else float("nan"),
-            "fraction_of_all_generated_ctr_above_0.5": float(np.mean(np.where(measurable, syn, 0) > 0.5)),
-            "measurable": int(measurable.sum()), "generated": int(len(syn)),
-            "synthetic_ctr_mean": float(np.nanmean(syn)) if measurable.any() else float("nan"),
-            "real_minority_ctr_mean": float(np.nanmean(real)) if np.isfinite(real).any() else float("nan"),
-            "figure": str(figure) if figure else None}

@@ -34,14 +34,14 @@ from etils import epath
 
 from xray_dit import sharding
 from xray_dit.data import prepared
-from xray_dit.study import analysis, filters, report, training
+from xray_dit.study import analysis, filters, privacy, report, training
 from xray_dit.study.context import MARKER, PHASES, StudyContext
 
 
 def _phase_functions() -> dict[str, Callable[[StudyContext], dict]]:
     return {"01_baseline": training.baseline, "02_vae": training.vae, "03_dit": training.dit,
             "04_generate": training.generate, "05_filter": filters.run_filters, "06_retrain": training.retrain,
-            "07_compare": analysis.compare, "08_privacy": analysis.privacy_and_quality, "09_report": report.write_report}
+            "07_compare": analysis.compare, "08_privacy": privacy.privacy_and_quality, "09_report": report.write_report}
 
 
 def _resolve_rerun(workdir: epath.Path, rerun_from: str) -> None:

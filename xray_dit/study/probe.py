@@ -69,13 +69,16 @@ def quality_encoder_seed(baseline_seeds):
 
 
 class ClassifierProbe:
-    """The first baseline seed's selected classifier (from the study's `results`): probabilities and pooled
-    features of any images."""
+    """A baseline seed's selected classifier (from the study's `results`): probabilities and pooled features
+    of any images. `seed` None takes the lowest seed, the one the filters measure with."""
 
-    def __init__(self, results: dict):
+    def __init__(self, results: dict, seed=None):
         baseline = results["01_baseline"]["runs"]
-        first = baseline[sorted(baseline, key=int)[0]]
-        export = epath.Path(first["workdir"]) / "best"
+        chosen = str(sorted(baseline, key=int)[0] if seed is None else seed)
+        if chosen not in baseline:
+            raise ValueError(f"no baseline run of seed {chosen!r}; the seeds are {sorted(baseline, key=int)}")
+        export = epath.Path(baseline[chosen]["workdir"]) / "best"
+        self.seed = chosen
         self.model, kept, info = factory.load_export(export)
         self.variables = classifier.variables_from_export(kept, factory.state_collections(self.model))
         self.class_names = list(info["class_names"])
@@ -90,12 +93,16 @@ class ClassifierProbe:
         self._run = run
 
     def __call__(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (N, L), features (N, D)); N may be 0."""
         probs, feats = [], []
-        for start in range(0, len(images), batch_size):
-            chunk = jnp.asarray(images[start:start + batch_size, ..., None], jnp.float32)
-            p, f = self._run(self.variables, chunk)
-            probs.append(np.asarray(p))
-            feats.append(np.asarray(f))
+        for start in range(0, max(len(images), 1), batch_size):
+            chunk = np.asarray(images[start:start + batch_size], np.float32)
+            # Padded to the full batch: every set size reuses the one compiled program.
+            rows = np.zeros((batch_size, *images.shape[1:]), np.float32)
+            rows[:len(chunk)] = chunk
+            p, f = self._run(self.variables, jnp.asarray(rows[..., None]))
+            probs.append(np.asarray(p)[:len(chunk)])
+            feats.append(np.asarray(f)[:len(chunk)])
         return np.concatenate(probs), np.concatenate(feats)
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from xray_dit.study import analysis
+from xray_dit.study import analysis, privacy_report
 from xray_dit.study.context import StudyContext, phase_seconds
 
 
@@ -121,13 +121,7 @@ def write_report(context: StudyContext) -> dict:
              f"Test set: {compare['test_images']} images of {compare['test_patients']} patients, "
              f"{compare['test_positives']} positive for {target}.")
     report.h(2, "Answer")
-    mia = priv["membership_inference"]
-    mia_text = (f"membership-inference AUC {mia['auc']:.3f} (0.5 = no leakage)" if mia else
-                "membership inference not computed (no held-out images of the class)")
-    report.bullets(compare["statements"] + [
-        f"Privacy: {100 * priv['memorisation_rate']:.1f} % of generated images are closer to a training image than "
-        f"the {ordinal(config.study.privacy_percentile)} percentile of held-out real images are (memorisation rate, "
-        f"before filtering); {mia_text}."])
+    report.bullets(compare["statements"] + [privacy_report.headline(priv, filt, config)])
     ctr = priv.get("ctr_oracle")
     if ctr and ctr["measurable"] == 0:
         report.p(f"Label fidelity by the phantom's CTR oracle: **none** of the {ctr['generated']} generated images "
@@ -176,24 +170,7 @@ def write_report(context: StudyContext) -> dict:
     for name, path in filt["reject_examples"].items():
         report.figure(path, f"Examples rejected by the {name} filter")
 
-    report.h(2, "Privacy")
-    report.table(["measure", "value"], [
-        ["memorisation rate (before filtering)", f"{100 * priv['memorisation_rate']:.2f} %"],
-        ["privacy threshold (1 − pixel corr., from validation → train)", priv["privacy_threshold_pixel"]],
-        ["median NN distance synthetic → train", priv["synthetic_to_train_median"]],
-        ["median NN distance held-out → train", priv["heldout_to_train_median"]],
-        ["membership-inference AUC", mia.get("auc", float("nan"))]])
-    report.figure(priv["figures"]["histogram"], "Nearest-training-image distances: synthetic vs held-out real")
-    report.figure(priv["figures"]["closest_pairs"], "The closest synthetic / training pairs")
-
-    report.h(2, "Quality of the synthetic set (classifier feature space, vs real test images of the class)")
-    report.table(["set", "n", "Fréchet distance", "precision", "recall", "density", "coverage"],
-                 [[name, q["n"], q["frechet_distance"], q["precision"], q["recall"], q["density"], q["coverage"]]
-                  for name, q in priv["quality"].items()])
-    report.p("MS-SSIM diversity (1 − mean MS-SSIM of random pairs; higher = more diverse): " + ", ".join(
-        f"{k} {v:.3f}" for k, v in priv["ms_ssim_diversity"].items()) + ".")
-    if ctr and ctr["figure"]:
-        report.figure(ctr["figure"], "Cardiothoracic ratio of real and synthetic target-class images (oracle)")
+    report.blocks += privacy_report.report_section(priv, filt, config)
 
     report.h(2, "Phases, timings and configuration")
     seconds = phase_seconds(context.workdir)
@@ -212,19 +189,10 @@ def write_report(context: StudyContext) -> dict:
     return {"markdown": str(md_path), "html": str(html_path)}
 
 
-def ordinal(value: float) -> str:
-    """A percentile's ordinal: 1 → "1st", 5 → "5th", 22 → "22nd", 2.5 → "2.5th"."""
-    if value != int(value):
-        return f"{value:g}th"
-    number = int(value)
-    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
-    return f"{number}{suffix}"
-
-
 def _threshold_text(name: str, thresholds: dict, target: str) -> str:
     return {"label fidelity": f"p({target}) ≥ {thresholds['fidelity_probability']:.2f}",
             "realism": f"k-NN cosine distance ≤ {thresholds['realism_knn']:.4f}",
-            "privacy": f"pixel ≥ {thresholds['privacy_pixel']:.4f} and feature ≥ {thresholds['privacy_feature']:.4f}",
+            "privacy": f"pixel > {thresholds['privacy_pixel']:.4f} and feature > {thresholds['privacy_feature']:.4f}",
             "duplicates": f"pixel correlation ≤ {thresholds['duplicate_correlation']:.2f}"}[name]
 
 

@@ -24,11 +24,11 @@ N_TEST, N_VAL = 160, 60
 def _config(**study):
     values = dict(seeds=(0, 1), synthetic_counts=(4, 8), primary_count=8, bootstrap_samples=400,
                   arms=("synthetic", "oversampled", "vae_roundtrip"), swept_arms=("synthetic", "oversampled"),
-                  primary_estimand="single_model")
+                  primary_estimand="single_model", privacy_percentile=1.0)
     values.update(study)
-    return ml_collections.ConfigDict({"data": {"name": "nih_chestxray14", "labels": LABELS, "target_class": TARGET,
-                                               "target_fraction": 1.0, "data_dir": ""},
-                                      "study": values})
+    data = {"name": "nih_chestxray14", "builder_config": "256", "image_size": 256, "labels": LABELS,
+            "target_class": TARGET, "target_fraction": 1.0, "data_dir": ""}
+    return ml_collections.ConfigDict({"data": data, "study": values})
 
 
 def _split(n: int, seed: int) -> dict:

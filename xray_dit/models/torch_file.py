@@ -20,7 +20,10 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from xray_dit.models.weights import WeightImportError
+
+class TorchFileError(ValueError):
+    """A file that is not a torch.save state dict this reader accepts (the message says why)."""
+
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
@@ -119,10 +122,10 @@ def _read_zip(data: bytes) -> Any:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pickles) != 1:
-            raise WeightImportError("not a torch.save zip archive: expected one data.pkl entry")
+            raise TorchFileError("not a torch.save zip archive: expected one data.pkl entry")
         prefix = pickles[0][: -len("data.pkl")]
         if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").decode().strip() != "little":
-            raise WeightImportError("big-endian torch files are not supported")
+            raise TorchFileError("big-endian torch files are not supported")
         obj = _Unpickler(io.BytesIO(archive.read(pickles[0])), legacy=False).load()
         storages = {n[len(prefix) + len("data/"):]: archive.read(n) for n in names if n.startswith(f"{prefix}data/")}
     return _materialise(obj, storages)
@@ -131,11 +134,11 @@ def _read_zip(data: bytes) -> Any:
 def _read_legacy(data: bytes) -> Any:
     stream = io.BytesIO(data)
     if pickle.load(stream) != _LEGACY_MAGIC:
-        raise WeightImportError("not a torch.save file: neither a zip archive nor the legacy magic number")
+        raise TorchFileError("not a torch.save file: neither a zip archive nor the legacy magic number")
     pickle.load(stream)        # protocol version
     sys_info = pickle.load(stream)
     if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-        raise WeightImportError("big-endian torch files are not supported")
+        raise TorchFileError("big-endian torch files are not supported")
     unpickler = _Unpickler(stream, legacy=True)
     obj = unpickler.load()
     storages = {}
@@ -151,13 +154,13 @@ def _is_state_dict(obj: Any) -> bool:
 
 def load(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     """The state dict in a torch file: the top-level object, or its `state_dict` / `model` entry (training
-    checkpoints). Anything else is a `WeightImportError` saying what the file holds."""
+    checkpoints). Anything else is a `TorchFileError` saying what the file holds."""
     path = epath.Path(path)
     data = path.read_bytes()
     try:
         obj = _read_zip(data) if zipfile.is_zipfile(io.BytesIO(data)) else _read_legacy(data)
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
-        raise WeightImportError(f"{path}: cannot read it as a torch.save file ({e})") from e
+        raise TorchFileError(f"{path}: cannot read it as a torch.save file ({e})") from e
     if not _is_state_dict(obj) and isinstance(obj, dict):
         entry = next((k for k in _STATE_DICT_ENTRIES if _is_state_dict(obj.get(k))), None)
         obj = obj[entry] if entry else obj
@@ -166,6 +169,6 @@ def load(path: str | epath.PathLike) -> dict[str, np.ndarray]:
         opaque = sorted({v.global_name for v in (obj.values() if isinstance(obj, dict) else [obj])
                          if isinstance(v, _Opaque)})
         found = f" (holding {', '.join(opaque)} objects)" if opaque else ""
-        raise WeightImportError(f"{path} holds {what}{found}, not a state dict of tensors; save one with "
+        raise TorchFileError(f"{path} holds {what}{found}, not a state dict of tensors; save one with "
                                 "torch.save(model.state_dict(), path)")
     return dict(obj)

@@ -17,6 +17,8 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from xray_dit.models import torch_file
+
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -45,8 +47,10 @@ def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
         if any(k.startswith("param/") for k in tensors):
             tensors = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
     elif suffix in TORCH_SUFFIXES:
-        from xray_dit.models import torch_file
-        tensors = torch_file.load(path)
+        try:
+            tensors = torch_file.load(path)
+        except torch_file.TorchFileError as e:
+            raise WeightImportError(str(e)) from e
     else:
         raise WeightImportError(f"{path}: unsupported weight format {suffix!r}; use .safetensors, .npz or a "
                                 f"torch.save file ({', '.join(TORCH_SUFFIXES)})")

@@ -70,6 +70,7 @@ def test_pixel_baselines_detectability_and_scarcity_appear_when_measured(compare
     detect = text.split("## Detectability")[1].split("## Baseline")[0]
     assert "| all generated | 0.910 [0.850, 0.960] | 40 | 16 |" in detect
     assert (context.workdir / "09_report" / "scarcity.png").exists() and "Scarcity:" in text
+    assert "reports target fraction 1, the largest of the study's fractions (1, 0.25)" in text
 
 
 def test_scarcity_series_put_each_fraction_at_its_real_positives(compared):

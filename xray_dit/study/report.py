@@ -27,7 +27,8 @@ def write_report(context: StudyContext) -> dict:
     report.p(f"Dataset **{config.data.name}/{config.data.builder_config}** ({config.data.image_size} px), "
              f"target (minority) class **{target}**, classifier seeds {list(config.study.seeds)}. "
              f"Test set: {compare['test_images']} images of {compare['test_patients']} patients, "
-             f"{compare['test_positives']} positive for {target}.")
+             f"{compare['test_positives']} positive for {target}."
+             + _fraction_text(compare, r.get("fractions")))
     report_comparison.opening_sections(report, compare, priv, r.get("fractions"), context.phase_dir("09_report"))
     _baseline_section(report, config, compare, r["01_baseline"])
     _arms_section(report, config, compare)
@@ -49,6 +50,14 @@ def write_report(context: StudyContext) -> dict:
         md_path.write_text(report.markdown())
         html_path.write_text(report.html(f"xray-dit study: {target}"))
     return {"markdown": str(md_path), "html": str(html_path)}
+
+
+def _fraction_text(compare: dict, fractions: dict | None) -> str:
+    if not fractions or len(fractions) < 2:
+        return ""
+    listed = ", ".join(f"{float(f):g}" for f in fractions)
+    return (f" Every section but the scarcity curve reports target fraction {compare.get('fraction', 1.0):g}, the "
+            f"largest of the study's fractions ({listed}).")
 
 
 def _baseline_section(report: Report, config, compare: dict, baseline: dict) -> None:

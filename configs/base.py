@@ -89,6 +89,9 @@ def get_config(arg=None):
         # VAE round trip with this probability, per example and epoch, so smoothness is no label cue.
         roundtrip_dir="",              # folder from study.arms.write_roundtrip_store (all training images)
         roundtrip_prob=0.0,
+        # "" = the prepared splits; else a CSV `image_id,split` that redraws them (e.g. cross-validation
+        # folds): each listed image goes to the named split, unlisted images are not used.
+        split_file="",
         augment=ml_collections.ConfigDict(dict(
             rotation_deg=5.0, scale=0.05, translate=0.03, brightness=0.05, contrast=0.05,
             hflip=False,               # a flipped chest X-ray puts the heart on the wrong side
@@ -104,6 +107,9 @@ def get_config(arg=None):
         pos_weight="",                 # "" | "balanced": up-weight positives by neg/pos ratio
         init_from="",                  # export from tools/import_weights (timm EVA-02; torchvision/timm ResNet)
         select_metric="auc/mean",      # validation metric that picks the kept ("best") parameters
+        # Reference models fitted on the same training images and reported beside the network's AUC in
+        # results.json ("baselines"): pixel_logreg_<size> = logistic regression on size x size pixels.
+        baselines=("pixel_logreg_16", "pixel_logreg_32"),
         train=train_config(lr=3e-4, weight_decay=0.05, ema_decay=0.0, steps=5000, batch_size=128),
     ))
 
@@ -151,13 +157,25 @@ def get_config(arg=None):
 
     config.study = ml_collections.ConfigDict(dict(
         seeds=(0, 1, 2),               # classifier seeds per arm
+        # Scarcity axis: with several fractions the study runs phases 01-08 once per fraction (each with
+        # data.target_fraction set, in <workdir>/fraction_<f>/) and one report over all of them.
+        target_fractions=(1.0,),
+        # Generators (03_dit, 04_generate): target_only = a DiT on the target class's latents alone;
+        # class_conditional = one DiT on every training image with its class, sampled for the target class
+        # with classifier-free guidance at guidance_scale. Each variant samples num_synthetic images once per
+        # generator seed (independent draws from the same trained DiT).
+        generators=("target_only",),
+        generator_seeds=(0,),
+        guidance_scale=2.0,
         num_synthetic=500,
-        # Arms (study/arms.py): real + N images, N over these doses (capped at the accepted synthetic count).
+        # Arms (study/arms.py): real + N images, N over these doses (capped at the fewest images any generator
+        # had accepted).
         synthetic_counts=(500,),
         primary_count=0,               # the dose of the primary comparison (synthetic − oversampled); 0 = the largest
         # Arm kinds: synthetic | oversampled | phantom_positive (phantom data only: fresh phantom patients with
         # the finding, the positive control) | vae_roundtrip (real target images through the VAE) |
-        # synthetic_mitigated (synthetic, real images round-tripped with roundtrip_prob).
+        # synthetic_mitigated (synthetic, real images round-tripped with roundtrip_prob). The generated kinds
+        # run once per generator (variant x generator seed).
         arms=("synthetic", "oversampled", "phantom_positive", "vae_roundtrip"),
         swept_arms=("synthetic", "oversampled"),   # run at every dose; the other kinds at primary_count only
         roundtrip_prob=0.5,            # synthetic_mitigated: chance a real training image is its VAE round trip

@@ -8,7 +8,8 @@ labels Cardiomegaly, Effusion, Nodule with positive-weighted BCE for 200 steps a
 every 100 steps and keeping the best Cardiomegaly validation AUC in <workdir>/best.
 It produces, from those best parameters on the test split: test_auc.md (per-class AUC), roc_test.png,
 confusion_<class>.png (threshold chosen on validation), predictions_{validation,test}.csv (image id,
-patient id, labels, probabilities) and results.json.
+patient id, labels, probabilities) and results.json, which also holds the pixel logistic-regression baselines
+fitted on the same training images ("baselines", `classifier.baselines`).
 Expected: the quickstart's baseline, i.e. a Cardiomegaly test AUC between about 0.70 and 0.92 (learned, not
 saturated); a few minutes on 2 CPU cores.
 

@@ -123,38 +123,57 @@ def _study(**overrides) -> ml_collections.ConfigDict:
     return study
 
 
+def _generators(*names_and_seeds):
+    return [{"name": name, "variant": name.rsplit("_seed", 1)[0], "seed": seed, "out_dir": f"/gen/{name}",
+             "count": 500} for name, seed in names_and_seeds]
+
+
+G1, G2 = "target_only_seed1", "class_conditional_seed2"
+
+
 def test_plan_arms_sweeps_the_doses_and_runs_controls_at_the_primary_one():
-    plan = arms.plan_arms(_study(arms=arms.ARM_KINDS), accepted_count={1: 350, 2: 500}, have_phantom=True,
-                          generator_seeds=(1, 2))
+    plan = arms.plan_arms(_study(arms=arms.ARM_KINDS), accepted_count={G1: 350, G2: 500}, have_phantom=True,
+                          generators=_generators((G1, 1), (G2, 2)))
     assert [a["name"] for a in plan] == [
-        "real + 100 synthetic (generator 1)", "real + 100 synthetic (generator 2)",
-        "real + 200 synthetic (generator 1)", "real + 200 synthetic (generator 2)",
-        "real + 350 synthetic (generator 1)", "real + 350 synthetic (generator 2)",   # capped at the fewest accepted
+        f"real + 100 synthetic ({G1})", f"real + 100 synthetic ({G2})",
+        f"real + 200 synthetic ({G1})", f"real + 200 synthetic ({G2})",
+        f"real + 350 synthetic ({G1})", f"real + 350 synthetic ({G2})",   # capped at the fewest accepted
         "real + 100 oversampled real", "real + 200 oversampled real", "real + 350 oversampled real",
         "real + 200 phantom positives", "real + 200 VAE round-trip real",
-        "real + 200 synthetic (generator 1), real round-tripped p=0.25",
-        "real + 200 synthetic (generator 2), real round-tripped p=0.25"]
+        f"real + 200 synthetic ({G1}), real round-tripped p=0.25",
+        f"real + 200 synthetic ({G2}), real round-tripped p=0.25"]
     assert [a["name"] for a in plan if a["primary"]] == [a["name"] for a in plan if a["count"] == 200]
-    assert plan[-1] == {"name": "real + 200 synthetic (generator 2), real round-tripped p=0.25",
-                        "key": "synthetic_mitigated_200_g2", "kind": "synthetic_mitigated", "count": 200,
-                        "generator_seed": 2, "roundtrip_prob": 0.25, "primary": True}
+    assert plan[-1] == {"name": f"real + 200 synthetic ({G2}), real round-tripped p=0.25",
+                        "key": f"synthetic_mitigated_200_{G2}", "kind": "synthetic_mitigated", "count": 200,
+                        "generator": G2, "generator_seed": 2, "roundtrip_prob": 0.25, "primary": True}
+    assert {(a["generator"], a["generator_seed"]) for a in plan if a["kind"] in ("oversampled", "phantom_positive",
+                                                                                 "vae_roundtrip")} == {(None, None)}
     assert {a["roundtrip_prob"] for a in plan if a["kind"] != "synthetic_mitigated"} == {0.0}
     assert len({a["key"] for a in plan}) == len(plan)
 
 
+def test_plan_arms_names_the_generator_only_when_there_are_several():
+    plan = arms.plan_arms(_study(arms=("synthetic", "synthetic_mitigated")), accepted_count={G1: 500},
+                          have_phantom=True, generators=_generators((G1, 1)))
+    assert [(a["name"], a["key"], a["generator"]) for a in plan if a["count"] == 200] == [
+        ("real + 200 synthetic", f"synthetic_200_{G1}", G1),
+        ("real + 200 synthetic, real round-tripped p=0.25", f"synthetic_mitigated_200_{G1}", G1)]
+
+
 def test_plan_arms_follows_the_switches_and_refuses_bad_ones():
-    real_data = arms.plan_arms(_study(), accepted_count=1000, have_phantom=False, generator_seeds=(0,))
+    one = _generators((G1, 0))
+    real_data = arms.plan_arms(_study(), accepted_count=1000, have_phantom=False, generators=one)
     assert {a["kind"] for a in real_data} == {"synthetic", "oversampled", "vae_roundtrip"}
     largest = arms.plan_arms(_study(primary_count=0, arms=("oversampled",), swept_arms=()), accepted_count=150,
-                             have_phantom=True, generator_seeds=())
+                             have_phantom=True, generators=())
     assert [(a["name"], a["primary"]) for a in largest] == [("real + 150 oversampled real", True)]
-    assert arms.plan_arms(_study(), accepted_count=0, have_phantom=True, generator_seeds=(0,)) == []
+    assert arms.plan_arms(_study(), accepted_count=0, have_phantom=True, generators=one) == []
     with pytest.raises(ValueError, match="unknown kind"):
-        arms.plan_arms(_study(arms=("synthetic", "mixup")), accepted_count=10, have_phantom=True, generator_seeds=(0,))
+        arms.plan_arms(_study(arms=("synthetic", "mixup")), accepted_count=10, have_phantom=True, generators=one)
     with pytest.raises(ValueError, match="primary_count=300 is not one of"):
-        arms.plan_arms(_study(primary_count=300), accepted_count=10, have_phantom=True, generator_seeds=(0,))
-    with pytest.raises(ValueError, match="at least one generator seed"):
-        arms.plan_arms(_study(), accepted_count=10, have_phantom=True, generator_seeds=())
+        arms.plan_arms(_study(primary_count=300), accepted_count=10, have_phantom=True, generators=one)
+    with pytest.raises(ValueError, match="at least one generator"):
+        arms.plan_arms(_study(), accepted_count=10, have_phantom=True, generators=())
     with pytest.raises(ValueError, match="roundtrip_prob=0.0 must lie"):
         arms.plan_arms(_study(arms=("synthetic_mitigated",), roundtrip_prob=0.0), accepted_count=10,
-                       have_phantom=True, generator_seeds=(0,))
+                       have_phantom=True, generators=one)

@@ -363,6 +363,16 @@ def test_phantom_builder_matches_the_cohort_and_is_deterministic(tmp_path):
     assert first.info.metadata["labels"] == list(phantom.LABELS)
 
 
+def test_a_prepared_phantom_remembers_its_spec(tmp_path):
+    spec = phantom.PhantomSpec(cardiomegaly_prevalence=0.3, label_noise=0.0, split_fractions=(0.6, 0.2, 0.2))
+    _prepare(cxr_phantom.CxrPhantom, cxr_phantom.PhantomConfig(name="16_spec", size=16, num_images=12, spec=spec),
+             tmp_path)
+    prepared = builders.load_prepared("cxr_phantom", "16_spec", data_dir=tmp_path)
+    assert cxr_phantom.prepared_spec(prepared, "16_spec") == spec
+    del prepared.info.metadata["phantom"]   # as prepared before the spec was kept: the named config's spec
+    assert cxr_phantom.prepared_spec(prepared, "16_n12") == phantom.PhantomSpec()
+
+
 def test_phantom_any_count_config_prepares_from_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "xray_dit.data.builders.prepare", "--dataset=cxr_phantom/16_n12",
                              f"--data_dir={tmp_path}", "--workers=0"],

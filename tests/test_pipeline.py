@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from xray_dit import sharding
-from xray_dit.data import DataError, builders, phantom, pipeline, splits, synthetic
+from xray_dit.data import DataError, builders, phantom, pipeline, split_rows, splits, synthetic
 from xray_dit.data.builders import common, cxr_phantom
 
 SIZE = 32
@@ -233,6 +233,75 @@ def test_clear_errors(data_dir, tmp_path):
         pipeline.make_dataset(data_config(tmp_path), "train", train=True, seed=0, batch_size=8)
     with pytest.raises(ValueError, match="multiple of the 3 processes"):
         pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16, process_index=0, process_count=3)
+
+
+def _split_file(tmp_path, data_dir):
+    """Folds drawn across the prepared splits by patient: "fold_a" takes patients of train and test, "fold_b"
+    the rest of test and all of validation; the other train patients are left out."""
+    tables = {s: pipeline.metadata_table(data_config(data_dir), s) for s in ("train", "validation", "test")}
+    train_patients = sorted(set(tables["train"].patient_id))
+    chosen = set(train_patients[:40])
+    test_patients = sorted(set(tables["test"].patient_id))
+    split_of = {}
+    for split, table in tables.items():
+        for image_id, patient in zip(table.image_id, table.patient_id):
+            if split == "train" and patient in chosen or split == "test" and patient in test_patients[:10]:
+                split_of[image_id] = "fold_a"
+            elif split != "train":
+                split_of[image_id] = "fold_b"
+    path = tmp_path / "folds.csv"
+    split_rows.write_split_file(path, split_of)
+    return path, split_of, tables
+
+
+def test_a_split_file_redraws_the_splits_across_prepared_ones(data_dir, tmp_path):
+    path, split_of, tables = _split_file(tmp_path, data_dir)
+    config = data_config(data_dir, split_file=str(path))
+    assert split_rows.read_split_file(path) == split_of
+    every_image = {i: (s, n) for s, t in tables.items() for n, i in enumerate(t.image_id)}
+    for fold in ("fold_a", "fold_b"):
+        table = pipeline.metadata_table(config, fold)
+        assert sorted(table.image_id) == sorted(i for i, f in split_of.items() if f == fold)
+        # The prepared order: prepared split by prepared split, record index within each.
+        order = [every_image[i] for i in table.image_id]
+        assert order == sorted(order, key=lambda sn: (list(tables).index(sn[0]), sn[1]))
+        # Every record index of a batch is that record's row of the table: image and labels agree.
+        batches = list(pipeline.make_dataset(config, fold, train=False, seed=0, batch_size=16))
+        index = np.concatenate([b["index"][b["valid"] == 1] for b in batches])
+        np.testing.assert_array_equal(index, np.arange(len(table)))
+        labels = np.concatenate([b["labels"][b["valid"] == 1] for b in batches])
+        np.testing.assert_array_equal(labels, table.labels[:, table.label_columns(LABELS)])
+        images = np.concatenate([b["image"][b["valid"] == 1][..., 0] for b in batches])
+        for row in (0, len(table) - 1):
+            prepared, record = every_image[table.image_id[row]]
+            np.testing.assert_allclose(images[row], unaugmented(data_dir, prepared, [record])[0, ..., 0], atol=1e-6)
+    with pytest.raises(DataError, match="no split 'train'.*fold_a"):
+        pipeline.metadata_table(config, "train")
+    assert len(take(pipeline.make_dataset(config, "fold_a", train=True, seed=0, batch_size=8), 3)) == 3
+
+
+def test_a_split_file_that_leaks_a_patient_or_names_unknown_images_is_refused(data_dir, tmp_path):
+    path, split_of, tables = _split_file(tmp_path, data_dir)
+    patient_of = {i: p for t in tables.values() for i, p in zip(t.image_id, t.patient_id)}
+    # A fold_a patient with two images: one of them moved to fold_b puts the patient in both.
+    images_of = {}
+    for image_id, fold in split_of.items():
+        if fold == "fold_a":
+            images_of.setdefault(patient_of[image_id], []).append(image_id)
+    first_a, sibling = next(images for images in images_of.values() if len(images) > 1)[:2]
+    leaky = tmp_path / "leaky.csv"
+    split_rows.write_split_file(leaky, {**split_of, sibling: "fold_b"})
+    with pytest.raises(splits.PatientLeakError, match=f"{patient_of[first_a]}: fold_a, fold_b"):
+        pipeline.make_dataset(data_config(data_dir, split_file=str(leaky)), "fold_a", train=False, seed=0,
+                              batch_size=8)
+    unknown = tmp_path / "unknown.csv"
+    split_rows.write_split_file(unknown, {**split_of, "not_an_image.png": "fold_a"})
+    with pytest.raises(DataError, match="1 image.*not_an_image.png"):
+        pipeline.metadata_table(data_config(data_dir, split_file=str(unknown)), "fold_a")
+    bad_header = tmp_path / "bad.csv"
+    bad_header.write_text("image,fold\nx,a\n")
+    with pytest.raises(ValueError, match="header must be image_id,split"):
+        split_rows.read_split_file(bad_header)
 
 
 class LeakyCxr(common.CxrBuilder, skip_registration=True):

@@ -1,7 +1,8 @@
 """The study end to end on a micro configuration: every artefact, statistics on the right rows, resume.
 
-One run (module-scoped) of all nine phases on a 400-image phantom with tiny models, watched by spies that
-record which split every image pass reads and which rows the statistics receive.
+One run (module-scoped) of all nine phases on a 400-image phantom with tiny models, every arm kind and two
+generator seeds, watched by spies that record which split every image pass reads, which rows the statistics
+receive and what each classifier run mixes in. The scarcity runner's fraction loop is tested on stand-in phases.
 """
 
 import collections
@@ -14,9 +15,11 @@ from tests.helpers import tiny_configs
 from xray_dit.data import phantom
 from xray_dit.data.builders import cxr_phantom
 from xray_dit.evaluation import classification, privacy
+from xray_dit.study import arms
 from xray_dit.study import context as context_lib
 from xray_dit.study import phases, probe
 from xray_dit.study import report as report_lib
+from xray_dit.train import classifier as classifier_trainer
 from xray_dit.train import eval_pass
 
 MICRO_NAME = "64_micro"
@@ -26,9 +29,12 @@ TEST_READERS = {"evaluate_on_test", "privacy_and_quality"}   # the only code all
 
 
 def micro_config(data_dir):
+    """Every arm kind, two generator seeds, two classifier seeds; the classifiers take 10 steps."""
     config = tiny_configs.tiny_config(data_dir)
     config.data.builder_config = MICRO_NAME
-    config.study.update(seeds=(0, 1), num_synthetic=16, synthetic_counts=(8,), bootstrap_samples=200)
+    config.study.update(seeds=(0, 1), num_synthetic=16, synthetic_counts=(8,), primary_count=8, bootstrap_samples=200,
+                        arms=arms.ARM_KINDS, generator_seeds=(0, 1))
+    config.classifier.train.update(steps=10, log_every=10, eval_every=10, checkpoint_every=10)
     config.sample.update(batch_size=16, num_steps=4)
     config.dit.train.eval_every = 20
     return config
@@ -42,8 +48,9 @@ def study(tmp_path_factory):
     builders.prepare("cxr_phantom", cxr_phantom.PhantomConfig(name=MICRO_NAME, size=64, num_images=400,
                                                               spec=MICRO_SPEC), data_dir=data_dir,
                      prepare_workers=0)
-    reads, bootstrap_calls, threshold_calls = [], [], []
+    reads, bootstrap_calls, threshold_calls, classifier_calls = [], [], [], []
     original_passes = eval_pass.eval_passes
+    original_classifier = classifier_trainer.train_classifier
     original_boot = classification.bootstrap_auc_ci
     original_threshold = privacy.privacy_threshold
 
@@ -60,15 +67,22 @@ def study(tmp_path_factory):
         threshold_calls.append(np.asarray(heldout_to_train_distances))
         return original_threshold(heldout_to_train_distances=heldout_to_train_distances, percentile=percentile)
 
+    def spy_classifier(config, workdir, **kwargs):
+        classifier_calls.append({"workdir": str(workdir), "roundtrip_dir": config.data.roundtrip_dir,
+                                 "roundtrip_prob": config.data.roundtrip_prob, "seed": config.seed, **kwargs})
+        return original_classifier(config, workdir, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(eval_pass, "eval_passes", spy_passes)
+        patch.setattr(classifier_trainer, "train_classifier", spy_classifier)
         patch.setattr(classification, "bootstrap_auc_ci", spy_bootstrap)
         patch.setattr(privacy, "privacy_threshold", spy_threshold)
         config = micro_config(data_dir)
         workdir = root / "run"
         results = phases.run(config, workdir)
     return {"config": config, "workdir": workdir, "results": results, "reads": reads,
-            "bootstrap_patients": bootstrap_calls, "threshold_inputs": threshold_calls, "data_dir": data_dir}
+            "bootstrap_patients": bootstrap_calls, "threshold_inputs": threshold_calls, "data_dir": data_dir,
+            "classifier_calls": classifier_calls}
 
 
 def test_every_phase_finished_and_left_its_artefacts(study):
@@ -76,13 +90,20 @@ def test_every_phase_finished_and_left_its_artefacts(study):
     for phase in context_lib.PHASES:
         assert (workdir / phase / context_lib.MARKER).exists(), phase
     for path in ["report.md", "report.html", "01_baseline/seed_0/predictions_test.csv", "01_baseline/seed_1/roc_test.png",
-                 "02_vae/export/model.json", "03_dit/export/model.json", "04_generate/samples/manifest.csv",
-                 "05_filter/per_sample.json", "05_filter/oversampled_real/manifest.csv",
+                 "02_vae/export/model.json", "03_dit/target_only/export/model.json",
+                 "04_generate/target_only_seed0/manifest.csv", "04_generate/target_only_seed1/manifest.csv",
+                 "05_filter/target_only_seed1/per_sample.json", "05_filter/oversampled_real/manifest.csv",
+                 "06_retrain/controls/phantom_positive/manifest.csv", "06_retrain/controls/vae_roundtrip/manifest.csv",
+                 "06_retrain/controls/roundtrip_store/manifest.csv",
                  "07_compare/compare.json", "07_compare/roc_by_arm.png", "07_compare/auc_ci_by_arm.png",
                  "08_privacy/privacy.json", "08_privacy/nn_distance_histogram.png", "08_privacy/closest_pairs.png",
                  "08_privacy/real_vs_synthetic.png"]:
         assert (workdir / path).exists(), path
-    assert len(list((workdir / "04_generate" / "samples").glob("*.png"))) == 16
+    for seed in (0, 1):
+        assert len(list((workdir / "04_generate" / f"target_only_seed{seed}").glob("*.png"))) == 16
+    draws = [sorted((workdir / "04_generate" / f"target_only_seed{seed}").glob("*.png"))[0].read_bytes()
+             for seed in (0, 1)]
+    assert draws[0] != draws[1], "two generator seeds drew the same images"
     report = (workdir / "report.md").read_text()
     for section in ["## Answer", "Classifier performance per arm", "Synthetic images and the filters", "## Privacy",
                     "Quality of the synthetic set", "## Limitations", "wall time"]:
@@ -92,16 +113,94 @@ def test_every_phase_finished_and_left_its_artefacts(study):
     assert html.count("data:image/png;base64,") >= 6 and "<table>" in html
 
 
-def test_arms_and_seeds(study):
+def test_generators_are_one_entry_per_variant_and_seed(study):
+    workdir = study["workdir"]
+    assert study["results"]["03_dit"]["variants"].keys() == {"target_only"}
+    assert study["results"]["04_generate"] == {"generators": [
+        {"name": f"target_only_seed{seed}", "variant": "target_only", "seed": seed,
+         "out_dir": str(workdir / "04_generate" / f"target_only_seed{seed}"), "count": 16} for seed in (0, 1)]}
+    filtered = study["results"]["05_filter"]["generators"]
+    assert filtered.keys() == {"target_only_seed0", "target_only_seed1"}
+    assert all(0 < entry["accepted"] <= 16 for entry in filtered.values())
+
+
+def test_every_arm_kind_runs_per_generator_with_its_own_inputs(study):
+    workdir, config = study["workdir"], study["config"]
+    arms_result = study["results"]["06_retrain"]["arms"]
+    generators = ["target_only_seed0", "target_only_seed1"]
+    assert sorted((a["kind"], a["generator"]) for a in arms_result.values()) == sorted(
+        [(kind, g) for kind in ("synthetic", "synthetic_mitigated") for g in generators]
+        + [("oversampled", None), ("phantom_positive", None), ("vae_roundtrip", None)])
+    filtered = study["results"]["05_filter"]
+    count = min(8, *(entry["accepted"] for entry in filtered["generators"].values()))   # the fewest accepted
+    controls = workdir / "06_retrain" / "controls"
+    expected_folder = {"oversampled": filtered["oversampled_dir"], "phantom_positive": str(controls / "phantom_positive"),
+                       "vae_roundtrip": str(controls / "vae_roundtrip")}
+    calls = {c["workdir"]: c for c in study["classifier_calls"]}
+    for name, arm in arms_result.items():
+        assert set(arm) == {"key", "kind", "count", "generator", "generator_seed", "primary", "roundtrip_prob",
+                            "folder", "runs"}
+        assert arm["count"] == count and arm["primary"] and set(arm["runs"]) == {"0", "1"}
+        folder = (filtered["generators"][arm["generator"]]["accepted_dir"] if arm["generator"]
+                  else expected_folder[arm["kind"]])
+        assert arm["folder"] == folder
+        for seed, run in arm["runs"].items():
+            assert run["workdir"] == str(workdir / "06_retrain" / arm["key"] / f"seed_{seed}")
+            call = calls[run["workdir"]]
+            assert (call["synthetic"], call["synthetic_count"], call["seed"]) == (folder, count, int(seed))
+            mitigated = arm["kind"] == "synthetic_mitigated"
+            assert call["roundtrip_dir"] == (str(controls / "roundtrip_store") if mitigated else "")
+            assert call["roundtrip_prob"] == (config.study.roundtrip_prob if mitigated else 0.0)
+    # The controls: fresh phantom patients with the finding, the target class's round trips, every train image's.
+    from xray_dit.data import pipeline, synthetic
+    labels = list(config.data.labels)
+    positives = synthetic.SyntheticSource(controls / "phantom_positive", labels)
+    assert len(positives) == count and positives.labels[:, 0].all()
+    assert all(row["patient_id"].startswith(arms.CONTROL_ID_PREFIX) for row in positives.rows)
+    train = pipeline.metadata_table(config.data, "train", data_dir=study["data_dir"])
+    roundtrips = synthetic.SyntheticSource(controls / "vae_roundtrip", labels)
+    ids = np.asarray(train.image_id)
+    assert sorted(r["source_id"] for r in roundtrips.rows) == sorted(ids[train.positives("Cardiomegaly")])
+    store = synthetic.SyntheticSource(controls / "roundtrip_store", labels)
+    assert sorted(r["image_id"] for r in store.rows) == sorted(ids)
+
+
+def test_compare_covers_every_arm_and_seed(study):
     compare = study["results"]["07_compare"]
-    assert set(compare["arms"]) == {"real only", "real + 8 synthetic", "real + 8 oversampled real"}
+    assert set(compare["arms"]) == {"real only", *study["results"]["06_retrain"]["arms"]}
     for arm, row in compare["arms"].items():
         assert set(row["seed_auc"]) == {"0", "1"}
         lo_hi = row["target_ensemble_auc_ci"]
         assert lo_hi[1] <= lo_hi[0] <= lo_hi[2]
         if arm != "real only":
             assert 0.0 <= row["vs_baseline"]["delong_p"] <= 1.0
-    assert len(compare["statements"]) == 2 and all("significant" in s for s in compare["statements"])
+    assert len(compare["statements"]) == 7 and all("significant" in s for s in compare["statements"])
+
+
+def test_class_conditional_generator_learns_every_class_and_samples_the_target_with_guidance(study, tmp_path):
+    """03/04 for the class-conditional variant, on the micro study's VAE: all training images, CFG sampling."""
+    import json
+
+    from xray_dit import checkpoint, sharding
+    from xray_dit.data import pipeline, synthetic
+    from xray_dit.study import training
+    from xray_dit.train import dit as dit_trainer
+    config = micro_config(study["data_dir"])
+    config.study.update(generators=("class_conditional",), generator_seeds=(3,), guidance_scale=2.5, num_synthetic=4)
+    config.dit.train.update(steps=4, eval_every=0, checkpoint_every=4)
+    context = context_lib.StudyContext(config=config, workdir=tmp_path, mesh=sharding.make_mesh(config.mesh.shape),
+                                       results={"02_vae": study["results"]["02_vae"]})
+    context.results["03_dit"] = training.dit(context)
+    generated = training.generate(context)
+    out_dir = tmp_path / "04_generate" / "class_conditional_seed3"
+    assert generated == {"generators": [{"name": "class_conditional_seed3", "variant": "class_conditional",
+                                         "seed": 3, "out_dir": str(out_dir), "count": 4}]}
+    info = checkpoint.load_export_info(context.results["03_dit"]["variants"]["class_conditional"]["export"])
+    assert info["class_names"] == [*config.data.labels, "No Finding"]
+    cache = json.loads((tmp_path / "03_dit" / "class_conditional" / "latents" / dit_trainer.CACHE_INFO).read_text())
+    assert cache["count"] == len(pipeline.metadata_table(config.data, "train", data_dir=study["data_dir"]))
+    rows = synthetic.SyntheticSource(out_dir, list(config.data.labels)).rows
+    assert {(r["label"], r["guidance_scale"], r["seed"]) for r in rows} == {("Cardiomegaly", "2.5", "3")}
 
 
 def test_bootstrap_resamples_the_test_patients(study):
@@ -198,14 +297,19 @@ def test_context_computes_each_shared_thing_once(tmp_path, monkeypatch):
     monkeypatch.setattr(probe, "synthetic_images", counted("synthetic", "generated"))
     monkeypatch.setattr(probe, "ClassifierProbe", counted("probe", "classifier"))
     config = tiny_configs.tiny_config(tmp_path)
+    generators = [{"name": name, "out_dir": str(tmp_path / name)} for name in ("target_only_seed0", "target_only_seed1")]
     context = context_lib.StudyContext(config=config, workdir=tmp_path, mesh=None,
-                                       results={"04_generate": {"out_dir": str(tmp_path / "samples")}})
+                                       results={"04_generate": {"generators": generators}})
     for _ in range(2):
         assert context.real_images("train") == "images"
         assert context.real_images("test", only_class="Cardiomegaly") == "images"
         assert context.synthetic_images() == "generated" and context.probe() == "classifier"
-    assert calls == {("real", "train", None): 1, ("real", "test", "Cardiomegaly"): 1, ("synthetic", None, None): 1,
+        assert context.synthetic_images("target_only_seed1") == "generated"
+        assert context.synthetic_images("target_only_seed0") == "generated"   # the first generator's, cached
+    assert calls == {("real", "train", None): 1, ("real", "test", "Cardiomegaly"): 1, ("synthetic", None, None): 2,
                      ("probe", None, None): 1}
+    with pytest.raises(KeyError, match="no generator 'class_conditional_seed0'"):
+        context.synthetic_images("class_conditional_seed0")
 
 
 def test_report_names_the_target_and_ordinals():
@@ -220,3 +324,98 @@ def test_quality_encoder_is_a_baseline_seed_the_filters_did_not_use():
     assert probe.quality_encoder_seed(["10", "2", "7"]) == "7"   # the filters' probe takes seed "2"
     assert probe.quality_encoder_seed([3, 1]) == 3
     assert probe.quality_encoder_seed(["0"]) is None
+
+
+def _fake_phases(calls, fail_at=None):
+    """Stand-ins for the nine phases: each records (phase, its folder, the data fraction it saw)."""
+    def make(phase):
+        def run(context):
+            where = (phase, context.workdir.name, float(context.config.data.target_fraction))
+            if where == fail_at:
+                raise RuntimeError(f"killed in {where}")
+            calls.append(where)
+            if phase == "09_report":
+                return {"fractions": sorted(context.results.get("fractions", {})),
+                        "compare_fraction": context.results["07_compare"]["fraction"]}
+            return {"fraction": context.config.data.target_fraction}
+        return run
+    return lambda: {phase: make(phase) for phase in context_lib.PHASES}
+
+
+def test_scarcity_runner_runs_a_sub_study_per_fraction_then_one_report_and_resumes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(phases.prepared, "ensure_prepared", lambda config, workdir: None)
+    config = tiny_configs.tiny_config(tmp_path / "tfds")
+    config.study.target_fractions = (0.25, 1.0)
+    workdir = tmp_path / "run"
+    killed = ("05_filter", "fraction_0.25", 0.25)
+    monkeypatch.setattr(phases, "_phase_functions", _fake_phases(calls, fail_at=killed))
+    with pytest.raises(RuntimeError, match="killed"):
+        phases.run(config, workdir)
+    sub_phases = context_lib.PHASES[:-1]
+    assert calls == [(p, "fraction_1.0", 1.0) for p in sub_phases] + [(p, "fraction_0.25", 0.25) for p in sub_phases[:4]]
+
+    calls.clear()
+    monkeypatch.setattr(phases, "_phase_functions", _fake_phases(calls))
+    results = phases.run(config, workdir)
+    assert calls == [(p, "fraction_0.25", 0.25) for p in sub_phases[4:]] + [("09_report", "run", 1.0)]
+    for fraction in ("1.0", "0.25"):
+        assert all((workdir / f"fraction_{fraction}" / p / context_lib.MARKER).exists() for p in sub_phases)
+        assert not (workdir / f"fraction_{fraction}" / "09_report").exists()
+        assert results["fractions"][fraction]["07_compare"] == {"fraction": float(fraction)}
+    assert (workdir / "09_report" / context_lib.MARKER).exists() and not (workdir / "01_baseline").exists()
+    assert results["09_report"] == {"fractions": ["0.25", "1.0"], "compare_fraction": 1.0}
+    assert results["07_compare"] == results["fractions"]["1.0"]["07_compare"]   # the largest at the top
+
+    calls.clear()
+    phases.run(config, workdir)
+    assert calls == []
+    config.study.rerun_from = "compare"
+    phases.run(config, workdir)
+    assert calls == [(p, f"fraction_{f}", f) for f in (1.0, 0.25) for p in ("07_compare", "08_privacy")] + [
+        ("09_report", "run", 1.0)]
+
+
+def test_one_fraction_keeps_the_flat_layout_and_conflicting_fractions_are_refused(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(phases.prepared, "ensure_prepared", lambda config, workdir: None)
+    monkeypatch.setattr(phases, "_phase_functions", _fake_phases(calls))
+    config = tiny_configs.tiny_config(tmp_path / "tfds")
+    config.data.target_fraction = 0.5   # with the study's default fractions (1.0,): the one fraction
+    results = phases.run(config, tmp_path / "run")
+    assert calls == [(p, "run", 0.5) for p in context_lib.PHASES]
+    assert "fractions" not in results
+    assert not list((tmp_path / "run").glob("fraction_*"))
+    config.study.target_fractions = (1.0, 0.25)
+    with pytest.raises(ValueError, match="disagree"):
+        phases.run(config, tmp_path / "other")
+    config.data.target_fraction = 1.0
+    config.study.target_fractions = (0.5, 0.5)
+    with pytest.raises(ValueError, match="distinct fractions"):
+        phases.run(config, tmp_path / "other")
+
+
+@pytest.mark.parametrize("name, kinds, num_arms, fractions", [
+    ("quickstart", {"synthetic", "oversampled", "phantom_positive"}, 3, [1.0]),
+    ("phantom_full", set(arms.ARM_KINDS), 21, [1.0, 0.25]),
+    ("study", set(arms.ARM_KINDS) - {"phantom_positive"}, 28, [1.0, 0.25]),   # NIH: no phantom control
+])
+def test_study_configs_plan_the_design_they_promise(name, kinds, num_arms, fractions):
+    import importlib
+
+    from xray_dit import main
+    from xray_dit.study import training
+    config = importlib.import_module(f"configs.{name}").get_config()
+    main._check_config(config)
+    generators = [{"name": training.generator_name(variant, seed), "seed": seed}
+                  for variant in training.generator_variants(config) for seed in config.study.generator_seeds]
+    plan = arms.plan_arms(config.study, accepted_count=int(config.study.num_synthetic),
+                          have_phantom=config.data.name == "cxr_phantom", generators=generators)
+    assert {a["kind"] for a in plan} == kinds and len(plan) == num_arms
+    primary = {(a["kind"], a["generator"]) for a in plan if a["primary"]}
+    assert {("oversampled", None)} | {("synthetic", g["name"]) for g in generators} <= primary
+    assert phases.target_fractions(config) == fractions
+    assert config.study.num_synthetic >= max(config.study.synthetic_counts)
+    assert config.classifier.select_metric == f"auc/{config.data.target_class}"
+    if name != "quickstart":
+        assert set(config.study.generators) == set(training.GENERATOR_VARIANTS)

@@ -274,10 +274,12 @@ def test_classifier_end_to_end_writes_test_artefacts(phantom_data_dir, tmp_path,
     passes = []
     original = eval_pass.run_over_split
     monkeypatch.setattr(eval_pass, "run_over_split", lambda *a, **k: passes.append(a[4]) or original(*a, **k))
+    monkeypatch.setattr(classifier, "_BASELINE_CACHE", {})
     results = classifier.train_classifier(config, tmp_path)   # the default mesh: 8 devices, data parallel
     names = tuple(config.data.labels)
     # Validation at steps 10 and 20 chooses the kept parameters; the final report reuses those predictions.
-    assert passes == ["validation", "validation", "test"]
+    # Then the pixel baselines read the three splits once.
+    assert passes == ["validation", "validation", "test", "train", "validation", "test"]
 
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["step"] in (10, 20) and results["best_step"] == best["step"]
@@ -306,6 +308,28 @@ def test_classifier_end_to_end_writes_test_artefacts(phantom_data_dir, tmp_path,
             :, names.index(name)])
     table_md = (tmp_path / "test_auc.md").read_text()
     assert all(name in table_md for name in names)
+
+    # The pixel baselines, fitted on the same training images, sit beside the network's AUC.
+    written = json.loads((tmp_path / "results.json").read_text())["baselines"]
+    assert set(written) == set(config.classifier.baselines) == {"pixel_logreg_16", "pixel_logreg_32"}
+    for name, baseline in written.items():
+        assert baseline["size"] == int(name.rsplit("_", 1)[1]) and f"{name} (test)" in table_md
+        assert baseline["train_images"] == len(pipeline.metadata_table(config.data, "train", data_dir=phantom_data_dir))
+        assert 0.0 <= baseline["test_auc"]["Cardiomegaly"] <= 1.0 and "Cardiomegaly" in baseline["C"]
+    # A deliberately broken baseline (training labels shuffled) gives other AUCs: the numbers come from the fit.
+    sizes = {"pixel_logreg_16": 16}
+    rng = np.random.default_rng(0)
+
+    def shuffled_train_labels(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if args[4] == "train":
+            out["labels"] = rng.permutation(out["labels"])
+        return out
+
+    monkeypatch.setattr(classifier, "_BASELINE_CACHE", {})
+    monkeypatch.setattr(eval_pass, "run_over_split", shuffled_train_labels)
+    broken = classifier.pixel_baselines(config, phantom_data_dir, sharding.make_mesh((-1, 1, 1)), sizes, 16)
+    assert broken["pixel_logreg_16"]["test_auc"] != written["pixel_logreg_16"]["test_auc"]
 
 
 def test_resnet_classifier_trains_batch_statistics_evaluates_with_them_and_resumes_them(data_dir, tmp_path,
@@ -419,6 +443,16 @@ def test_dit_loss_is_the_same_on_one_device_and_on_an_fsdp_mesh(trained_dit, tmp
     assert sorted(single) == steps
     np.testing.assert_allclose([single[s] for s in steps], [sharded[s] for s in steps], rtol=2e-5)
     assert len({round(sharded[s], 6) for s in steps}) > 1   # the steps differ, so the comparison has teeth
+
+
+def test_class_conditional_labels_put_the_target_first_and_images_without_findings_in_their_own_class():
+    names = ("Effusion", "Cardiomegaly", "Nodule")
+    classes = dit.conditioning_classes(names)
+    assert classes == ("Effusion", "Cardiomegaly", "Nodule", "No Finding")
+    assert dit.conditioning_classes(("Cardiomegaly", "No Finding")) == ("Cardiomegaly", "No Finding")
+    rows = np.array([[0, 0, 0], [1, 1, 0], [1, 0, 1], [0, 0, 1], [0, 1, 1]], np.float32)
+    got = dit.conditioning_labels(rows, names, classes, "Cardiomegaly")
+    assert [classes[i] for i in got] == ["No Finding", "Cardiomegaly", "Effusion", "Nodule", "Cardiomegaly"]
 
 
 def test_latent_cache_is_reused_when_unchanged_and_rebuilt_when_the_vae_changes(trained_vae, tmp_path):

@@ -31,170 +31,30 @@ import dataclasses
 import io
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from xray_dit.data import DataError, augment, builders, roundtrip, splits
-from xray_dit.data.augment import AugmentConfig
+from xray_dit.data import DataError, augment, builders, roundtrip, split_rows, splits
 from xray_dit.data.builders import common
+from xray_dit.data.data_config import DataConfig
 from xray_dit.data.synthetic import MANIFEST, SyntheticSource
 
 # Entry kinds of the epoch plan: (kind, index) pairs. _ROUNDTRIP is a real image read from the round-trip store.
 _REAL, _SYNTHETIC, _PADDING, _ROUNDTRIP = 0, 1, 2, 3
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The `config.data` fields the pipeline reads (others, e.g. manual_dir, are ignored here)."""
-    name: str                                # "nih_chestxray14" or "nih_chestxray14/256"
-    builder_config: str = ""                 # e.g. "256"; "" = in the name or the builder's default
-    data_dir: str = ""                       # where prepared datasets live
-    image_size: int = 0                      # 0 = whatever was prepared; else must match it
-    labels: tuple[str, ...] = ()             # () = all the dataset's labels
-    balanced_sampling: bool = False
-    num_workers: int = 0                     # Grain worker processes; 0 = this process
-    augment: AugmentConfig = AugmentConfig()
-    target_class: str = ""                   # the scarce finding `target_fraction` thins
-    target_fraction: float = 1.0             # train split: keep this share of target_class's patients
-    target_fraction_seed: int = 0            # which of them
-    roundtrip_dir: str = ""                  # VAE round trips of the training images, by image id
-    roundtrip_prob: float = 0.0              # train: chance a real image is read from roundtrip_dir instead
-
-    def __post_init__(self):
-        if not 0.0 <= self.target_fraction <= 1.0:
-            raise ValueError(f"data.target_fraction={self.target_fraction} must lie in [0, 1] (the share of the "
-                             "target class's training patients to keep)")
-        if self.target_fraction < 1.0 and not self.target_class:
-            raise DataError(f"data.target_fraction={self.target_fraction} needs data.target_class (whose "
-                             "training patients to thin)")
-        if not 0.0 <= self.roundtrip_prob <= 1.0:
-            raise DataError(f"data.roundtrip_prob={self.roundtrip_prob} must be a probability in [0, 1]")
-        if self.roundtrip_prob > 0 and not self.roundtrip_dir:
-            raise DataError(f"data.roundtrip_prob={self.roundtrip_prob} needs data.roundtrip_dir (a store "
-                             "written by xray_dit.study.arms.write_roundtrip_store)")
-
-    @classmethod
-    def from_config(cls, config: Any) -> DataConfig:
-        """From a DataConfig, a mapping or an ml_collections.ConfigDict (e.g. `config.data`)."""
-        if isinstance(config, DataConfig):
-            return config
-        values = _as_dict(config)
-        if not values.get("name"):
-            raise DataError("the data config names no dataset; set --config.data.name=...")
-        augment = _as_dict(values.get("augment") or {})
-        return cls(
-            name=str(values["name"]),
-            builder_config=str(values.get("builder_config") or ""),
-            data_dir=os.fspath(values.get("data_dir") or ""),
-            image_size=int(values.get("image_size") or 0),
-            labels=tuple(values.get("labels") or ()),
-            balanced_sampling=bool(values.get("balanced_sampling", False)),
-            num_workers=int(values.get("num_workers") or 0),
-            augment=AugmentConfig(**{f.name: augment[f.name] for f in dataclasses.fields(AugmentConfig)
-                                     if f.name in augment}),
-            target_class=str(values.get("target_class") or ""),
-            target_fraction=float(values.get("target_fraction", 1.0)),
-            target_fraction_seed=int(values.get("target_fraction_seed") or 0),
-            roundtrip_dir=os.fspath(values.get("roundtrip_dir") or ""),
-            roundtrip_prob=float(values.get("roundtrip_prob") or 0.0),
-        )
-
-
-def _as_dict(config: Any) -> dict[str, Any]:
-    if isinstance(config, Mapping):
-        return dict(config)
-    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
-        return config.to_dict()
-    if dataclasses.is_dataclass(config):
-        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    raise ValueError(f"expected a mapping, ConfigDict or dataclass as data config, got {type(config).__name__}")
-
-
-# ---- Prepared datasets and their metadata tables ------------------------------------------------
-
-# A split's table costs one read of all its records (images included: a record is read whole), so it
-# is kept per process, keyed by the prepared files' identity.
-_TABLE_CACHE: dict[tuple[str, int, str], splits.MetadataTable] = {}
-_TABLE_READ_CHUNK = 1024
-
-
-def load_builder(config: Any, *, data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
-    """The prepared dataset named by the data config (read-only), or a clear error saying how to prepare it."""
-    cfg = DataConfig.from_config(config)
-    builder = builders.load_prepared(cfg.name, cfg.builder_config or None, data_dir=data_dir or cfg.data_dir)
-    size = builders.image_size(builder)
-    if cfg.image_size and cfg.image_size != size:
-        raise DataError(f"config.data.image_size={cfg.image_size} but {_name(builder)} holds {size}x{size} "
-                        "images; choose the builder config of that size (--config.data.builder_config=...)")
-    return builder
-
-
-def _name(builder: tfds.core.DatasetBuilder) -> str:
-    return f"{builder.name}/{builder.builder_config.name}"
-
-
-def _read_table(builder: tfds.core.DatasetBuilder, split: str) -> splits.MetadataTable:
-    info_file = builder.data_path / "dataset_info.json"
-    key = (os.fspath(builder.data_path), os.stat(info_file).st_mtime_ns, split)
-    if key in _TABLE_CACHE:
-        return _TABLE_CACHE[key]
-    source = builder.as_data_source(split=split, decoders=builders.SKIP_IMAGE_DECODING)
-    columns: dict[str, list] = {k: [] for k in ("image_id", "patient_id", "labels", "label_mask", "age", "sex", "view")}
-    for start in range(0, len(source), _TABLE_READ_CHUNK):
-        for record in source.__getitems__(range(start, min(len(source), start + _TABLE_READ_CHUNK))):
-            for k, values in columns.items():
-                value = record[k]
-                values.append(value.decode() if isinstance(value, bytes) else value)
-    labels = builders.label_names(builder)
-    text = {k: np.array(columns[k], dtype=object) for k in ("image_id", "patient_id", "sex", "view")}
-    table = splits.MetadataTable(
-        label_names=labels, **text,
-        labels=np.array(columns["labels"], np.float32).reshape(-1, len(labels)),
-        label_mask=np.array(columns["label_mask"], np.float32).reshape(-1, len(labels)),
-        age=np.array(columns["age"], np.float32))
-    _TABLE_CACHE[key] = table
-    return table
-
-
-def check_dataset(builder: tfds.core.DatasetBuilder) -> None:
-    """No patient in two splits (`splits.PatientLeakError` naming them); runs on every pipeline load."""
-    tables = {split: _read_table(builder, split) for split in builder.info.splits}
-    splits.check_patient_disjoint({s: t.patient_id for s, t in tables.items()},
-                                  dataset=_name(builder))
-
-
 def metadata_table(config: Any, split: str, *, data_dir: str | os.PathLike | None = None) -> splits.MetadataTable:
     """Image id, patient id, labels, age, sex, view of every image of `split` the pipeline reads, by the
-    `index` its batches carry (the record index, unless `target_fraction` thins the train split)."""
-    builder = load_builder(config, data_dir=data_dir)
-    _require_split(builder, split)
-    return _split_rows(builder, split, DataConfig.from_config(config))[0]
-
-
-def _split_rows(builder: tfds.core.DatasetBuilder, split: str,
-                cfg: DataConfig) -> tuple[splits.MetadataTable, np.ndarray]:
-    """The split as every reader sees it: its table, and the record index of each of the table's rows.
-
-    The one place the scarcity axis applies: the train split keeps `target_fraction` of the target
-    class's patients (`splits.target_fraction_patients`); validation and test are always whole.
-    """
-    table = _read_table(builder, split)
-    if split != "train" or cfg.target_fraction >= 1.0:
-        return table, np.arange(len(table), dtype=np.int64)
-    records = splits.target_fraction_patients(table, cfg.target_class, cfg.target_fraction,
-                                              cfg.target_fraction_seed)
-    return table.take(records), records.astype(np.int64)
-
-
-def _require_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
-    if split not in builder.info.splits:
-        raise DataError(f"{_name(builder)} has no split {split!r}; it has {list(builder.info.splits)}")
+    `index` its batches carry (`split_rows`: the split file's split, thinned by `target_fraction` on train)."""
+    cfg = DataConfig.from_config(config)
+    builder = split_rows.load_builder(cfg, data_dir=data_dir)
+    split_rows.require_split(builder, split, cfg.split_file)
+    return split_rows.split_rows(builder, split, cfg)[0]
 
 
 # ---- The epoch plan ----------------------------------------------------------------------------
@@ -357,10 +217,10 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     `config.roundtrip_prob` (per example and epoch; synthetic images never).
     """
     cfg = DataConfig.from_config(config)
-    builder = load_builder(cfg, data_dir=data_dir)
-    _require_split(builder, split)
-    check_dataset(builder)
-    table, records = _split_rows(builder, split, cfg)
+    builder = split_rows.load_builder(cfg, data_dir=data_dir)
+    split_rows.require_split(builder, split, cfg.split_file)
+    split_rows.check_dataset(builder, cfg.split_file)
+    table, records = split_rows.split_rows(builder, split, cfg)
     label_names = cfg.labels or table.label_names
     columns = table.label_columns(label_names)
     process_index = jax.process_index() if process_index is None else process_index
@@ -368,14 +228,9 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     if batch_size <= 0 or batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} must be a positive multiple of the {process_count} processes")
     local_batch = batch_size // process_count
-    what = f"{_name(builder)} {split}"
+    what = f"{split_rows.name(builder)} {split}" + (f" (as split by {cfg.split_file})" if cfg.split_file else "")
 
-    real = np.arange(len(table), dtype=np.int64)
-    if only_class is not None:
-        real = table.positives(only_class)
-        if not len(real):
-            raise DataError(f"{what} has no image known positive for {only_class!r}; nothing to train on. "
-                            f"Positives per label: {_positive_counts(table)}")
+    real = _real_rows(table, only_class, what)
     groups = None
     if train and cfg.balanced_sampling:
         groups = _class_groups(table, columns, real, label_names, what)
@@ -401,7 +256,7 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
         ds = ds.repeat(epochs)
     ds = ds[process_index::process_count]
     ds = ds.map(_ReadAndDecode(
-        builder.as_data_source(split=split, decoders=builders.SKIP_IMAGE_DECODING),
+        split_rows.record_source(builder, split, cfg.split_file),
         table.labels[:, columns], table.label_mask[:, columns],
         source, None if source is None else source.labels[:, columns],
         None if source is None else source.label_mask[:, columns], builders.image_size(builder),
@@ -414,14 +269,29 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     else:
         ds = ds.map(augment.ToFloat())
     ds = ds.batch(local_batch, drop_remainder=train)
+    iter_ds = _to_iter_dataset(ds, cfg.num_workers if num_workers is None else num_workers)
+    logging.info("%s: %d real (%.0f %% round-tripped) + %d synthetic images per epoch, local batch %d, %s", what,
+                 len(real), 100 * roundtrip_prob, len(synthetic_indices), local_batch, "train" if train else "eval")
+    return iter_ds
 
-    workers = cfg.num_workers if num_workers is None else num_workers
+
+def _real_rows(table: splits.MetadataTable, only_class: str | None, what: str) -> np.ndarray:
+    """The table's rows a pipeline reads: all, or only those known positive for `only_class`."""
+    if only_class is None:
+        return np.arange(len(table), dtype=np.int64)
+    real = table.positives(only_class)
+    if not len(real):
+        raise DataError(f"{what} has no image known positive for {only_class!r}; nothing to train on. "
+                        f"Positives per label: {_positive_counts(table)}")
+    return real
+
+
+def _to_iter_dataset(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
+    """Reads with a few threads, and decodes in `workers` processes when there are any."""
     threads = max(1, min(4, os.cpu_count() or 1))
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
     if workers > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    logging.info("%s: %d real (%.0f %% round-tripped) + %d synthetic images per epoch, local batch %d, %s", what,
-                 len(real), 100 * roundtrip_prob, len(synthetic_indices), local_batch, "train" if train else "eval")
     return iter_ds
 
 

@@ -87,16 +87,26 @@ class MetadataTable:
                             "(--config.data.labels=...)")
         return np.array([self.label_names.index(n) for n in names], dtype=np.int64)
 
+    def take(self, indices: np.ndarray) -> MetadataTable:
+        """The records at `indices`, in that order."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[indices] for f in dataclasses.fields(self)
+                                            if f.name != "label_names"})
+
+    @staticmethod
+    def concatenate(tables: Sequence[MetadataTable]) -> MetadataTable:
+        """The records of `tables` one after another; they must share their label names."""
+        if not tables:
+            raise ValueError("nothing to concatenate: no tables given")
+        names = {t.label_names for t in tables}
+        if len(names) > 1:
+            raise ValueError(f"tables with different label names cannot be concatenated: {sorted(names)}")
+        return dataclasses.replace(tables[0], **{f.name: np.concatenate([getattr(t, f.name) for t in tables])
+                                                 for f in dataclasses.fields(MetadataTable) if f.name != "label_names"})
+
     def positives(self, name: str) -> np.ndarray:
         """Indices of the records known to be positive for `name`."""
         column = self.label_columns([name])[0]
         return np.flatnonzero((self.labels[:, column] == 1) & (self.label_mask[:, column] == 1))
-
-    def take(self, indices: np.ndarray) -> MetadataTable:
-        """The rows at `indices`, in that order, as a table of their own (indexed from 0)."""
-        rows = np.asarray(indices, dtype=np.int64)
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)
-                                            if f.name != "label_names"})
 
 
 def target_fraction_patients(table: MetadataTable, target_class: str, fraction: float, seed: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 Every arm is "real + N images of the target class" at one of the study's doses N, trained with the
 baseline's seeds. Kinds:
 
-  synthetic            N filtered DiT images, one arm per generator seed
+  synthetic            N filtered DiT images, one arm per generator (variant x generator seed)
   oversampled          N real target-class training images again: what a synthetic arm must beat
   phantom_positive     N images of fresh phantom patients with the finding: perfect synthetic data, the
                        positive control (the phantom only; `write_phantom_positives`)
@@ -34,7 +34,7 @@ from xray_dit.data import phantom
 from xray_dit.data import synthetic as synthetic_lib
 
 ARM_KINDS = ("synthetic", "oversampled", "phantom_positive", "vae_roundtrip", "synthetic_mitigated")
-_GENERATED = ("synthetic", "synthetic_mitigated")   # one arm per generator seed
+_GENERATED = ("synthetic", "synthetic_mitigated")   # one arm per generator
 
 # Positive-control patients come from cohorts drawn with this seed offset: datasets use small seeds, so the
 # control's random streams are not the dataset's. Their ids carry a prefix no dataset id has.
@@ -181,14 +181,16 @@ def write_roundtrip_store(folder: str | os.PathLike, ids: Sequence[str], images:
 # ---- The arms -------------------------------------------------------------------------------------
 
 
-def plan_arms(study_config: Any, *, accepted_count: int | Mapping[int, int], have_phantom: bool,
-              generator_seeds: Sequence[int]) -> list[dict[str, Any]]:
+def plan_arms(study_config: Any, *, accepted_count: int | Mapping[str, int], have_phantom: bool,
+              generators: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The arms to retrain, from `config.study`: one dict per arm, in a stable order (kind, dose, generator).
 
-    Keys: name (readable, stable: "real + 200 synthetic (generator 1)"), key (for folder names), kind,
-    count, generator_seed (None unless synthetic), roundtrip_prob (> 0 only for synthetic_mitigated), primary
-    (the dose of the primary comparison). Doses are study.synthetic_counts capped at `accepted_count` (the
-    fewest accepted images of any generator), so every arm at a dose mixes in the same number; kinds in
+    `generators`: 04_generate's entries ({"name", "seed", ...}); the generated kinds run once per entry.
+    Keys: name (readable, stable: "real + 200 synthetic (class_conditional_seed1)"; the generator is named
+    only when there are several), key (for folder names), kind, count, generator (the entry's name) and
+    generator_seed (None unless generated), roundtrip_prob (> 0 only for synthetic_mitigated), primary (the
+    dose of the primary comparison). Doses are study.synthetic_counts capped at `accepted_count` (the fewest
+    accepted images of any generator), so every arm at a dose mixes in the same number; kinds in
     study.swept_arms run at every dose, the others at study.primary_count only. phantom_positive needs
     `have_phantom`.
     """
@@ -196,22 +198,23 @@ def plan_arms(study_config: Any, *, accepted_count: int | Mapping[int, int], hav
     unknown = [k for k in kinds + tuple(study_config.swept_arms) if k not in ARM_KINDS]
     if unknown:
         raise ValueError(f"study.arms/swept_arms name unknown kind(s) {unknown}; choose from {list(ARM_KINDS)}")
-    if any(k in _GENERATED for k in kinds) and not generator_seeds:
-        raise ValueError("synthetic arms need at least one generator seed")
+    if any(k in _GENERATED for k in kinds) and not generators:
+        raise ValueError("synthetic arms need at least one generator")
     roundtrip_prob = float(study_config.roundtrip_prob)
     if "synthetic_mitigated" in kinds and not 0.0 < roundtrip_prob <= 1.0:
         raise ValueError(f"study.roundtrip_prob={roundtrip_prob} must lie in (0, 1] for synthetic_mitigated arms")
     accepted = min(accepted_count.values()) if isinstance(accepted_count, Mapping) else accepted_count
     doses, primary = _doses(study_config, int(accepted))
+    named = len(generators) > 1
     arms = []
     for kind in kinds:
         if kind == "phantom_positive" and not have_phantom:
             continue
         counts = doses if kind in study_config.swept_arms else [primary] if primary else []
         for count in counts:
-            for generator in generator_seeds if kind in _GENERATED else [None]:
+            for generator in generators if kind in _GENERATED else [None]:
                 arms.append(_arm(kind, count, generator, roundtrip_prob if kind == "synthetic_mitigated" else 0.0,
-                                 count == primary))
+                                 count == primary, named))
     return arms
 
 
@@ -225,13 +228,17 @@ def _doses(study_config: Any, accepted: int) -> tuple[list[int], int]:
     return doses, max(min(primary, accepted), 0)
 
 
-def _arm(kind: str, count: int, generator: int | None, roundtrip_prob: float, primary: bool) -> dict[str, Any]:
+def _arm(kind: str, count: int, generator: Mapping[str, Any] | None, roundtrip_prob: float, primary: bool,
+         named: bool) -> dict[str, Any]:
     what = {"synthetic": "synthetic", "oversampled": "oversampled real", "phantom_positive": "phantom positives",
             "vae_roundtrip": "VAE round-trip real", "synthetic_mitigated": "synthetic"}[kind]
     name, key = f"real + {count} {what}", f"{kind}_{count}"
     if generator is not None:
-        name, key = f"{name} (generator {generator})", f"{key}_g{generator}"
+        key = f"{key}_{generator['name']}"
+        name = f"{name} ({generator['name']})" if named else name
     if kind == "synthetic_mitigated":
         name = f"{name}, real round-tripped p={roundtrip_prob:g}"
-    return {"name": name, "key": key, "kind": kind, "count": count, "generator_seed": generator,
+    return {"name": name, "key": key, "kind": kind, "count": count,
+            "generator": None if generator is None else str(generator["name"]),
+            "generator_seed": None if generator is None else int(generator["seed"]),
             "roundtrip_prob": roundtrip_prob, "primary": primary}

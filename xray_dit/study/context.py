@@ -48,9 +48,21 @@ class StudyContext:
         return self._cached(("real", split, only_class), lambda: probe_lib.real_images(
             self.config, self.mesh, split, only_class=only_class))
 
-    def synthetic_images(self) -> probe_lib.ImageSet:
-        """Every image 04_generate wrote, before any filter."""
-        folder = self.results["04_generate"]["out_dir"]
+    def generators(self) -> list[dict]:
+        """04_generate's entries, one per generator variant x generator seed: name, variant, seed, out_dir, count."""
+        return list(self.results["04_generate"]["generators"])
+
+    def synthetic_images(self, generator_name: str | None = None) -> probe_lib.ImageSet:
+        """Every image the named generator wrote in 04_generate (None: the first one), before any filter."""
+        entries = self.generators()
+        if generator_name is None:
+            entry = entries[0]
+        else:
+            matches = [e for e in entries if e["name"] == generator_name]
+            if not matches:
+                raise KeyError(f"no generator {generator_name!r}; 04_generate made {[e['name'] for e in entries]}")
+            entry = matches[0]
+        folder = entry["out_dir"]
         return self._cached(("synthetic", folder), lambda: probe_lib.synthetic_images(
             folder, list(self.config.data.labels)))
 

@@ -7,7 +7,9 @@ trains its running statistics as the loop's model state and is evaluated with th
 At the end, on the test split with those parameters: per-class AUC table, ROC curves, a confusion
 matrix per class at the validation-chosen (Youden) threshold, and `predictions_{validation,test}.csv`
 (image id, patient id, labels, probabilities) for the study's statistics. The test split is used for
-nothing else: no threshold, no model selection.
+nothing else: no threshold, no model selection. Beside the network, the configured baselines
+(`classifier.baselines`, e.g. logistic regression on 16x16 pixels; `evaluation/baselines.py`) are fitted on
+the same real training images, their C chosen on validation, and scored on test.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flax import traverse_util
 
 from xray_dit import checkpoint, sharding
 from xray_dit.data import pipeline, prepared
+from xray_dit.evaluation import baselines as baselines_lib
 from xray_dit.evaluation import classification, plots
 from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import factory
@@ -32,6 +35,9 @@ from xray_dit.models import resnet as resnet_lib
 from xray_dit.train import eval_pass, loop
 
 MAX_POS_WEIGHT = 50.0
+# Baseline results by everything they depend on: a study's seeds and arms share the real training split, so
+# the baselines are fitted once per process.
+_BASELINE_CACHE: dict[tuple, dict] = {}
 
 
 def positive_weights(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -111,6 +117,55 @@ def _evaluated_variables(state: dict) -> dict:
     return {"params": state[f"{prefix}params"], **state.get(f"{prefix}model_state", {})}
 
 
+def _baseline_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The pixel baselines' sizes (`classifier.baselines`), each dividing the image size."""
+    size = int(config.data.image_size)
+    sizes = baselines_lib.pixel_sizes(tuple(config.classifier.baselines))
+    for name, side in sizes.items():
+        if size % side:
+            raise ValueError(f"classifier baseline {name} needs an image size divisible by {side}, got {size}; "
+                             "change config.classifier.baselines (e.g. to pixel_logreg_<a divisor of the size>)")
+    return sizes
+
+
+def _positive_weight(config: ml_collections.ConfigDict, directory) -> jax.Array | None:
+    """`classifier.pos_weight`: None, or "balanced" weights from the (possibly thinned) training split."""
+    mode, class_names = config.classifier.pos_weight, tuple(config.data.labels)
+    if not mode:
+        return None
+    if mode != "balanced":
+        raise ValueError(f"classifier.pos_weight must be '' or 'balanced', got {mode!r}")
+    table = pipeline.metadata_table(config.data, "train", data_dir=directory)
+    columns = table.label_columns(class_names)
+    weight = jnp.asarray(positive_weights(table.labels[:, columns], table.label_mask[:, columns]))
+    logging.info("classifier: positive weights %s", dict(zip(class_names, np.asarray(weight).round(2))))
+    return weight
+
+
+def _make_loss_fn(model, state_names: list[str], pos_weight: jax.Array | None):
+    """The loop's loss: masked BCE; a model with state (BatchNorm) also returns its updated statistics."""
+    def loss_fn(params, batch, rng, step, model_state=None):
+        del step
+        if model_state is None:
+            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+        else:
+            logits, model_state = model.apply({"params": params, **model_state}, batch["image"], train=True,
+                                              rngs={"dropout": rng}, mutable=state_names)
+        loss = bce_loss(logits, batch["labels"], batch["label_mask"], pos_weight)
+        return (loss, {"bce": loss}) if model_state is None else (loss, ({"bce": loss}, dict(model_state)))
+    return loss_fn
+
+
+def _initial_variables(init_from: str, kind: str, abstract: dict, state_names: list[str]):
+    """(params, model state or None) imported from `init_from`, or (None, None) to start fresh."""
+    if not init_from:
+        return None, None
+    loaded, info = checkpoint.load_export(init_from, export_tree(abstract), kind=kind)
+    variables = variables_from_export(loaded, state_names)
+    logging.info("classifier: starting from %s (%s)", init_from, info.get("source", "?"))
+    return variables.pop("params"), variables or None
+
+
 def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh=None,
                      synthetic: str | None = None, synthetic_count: int | None = None) -> dict:
     """Trains, keeps the best validation parameters, evaluates them on test; returns the results.
@@ -126,15 +181,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     directory = prepared.ensure_prepared(config, workdir)
     class_names = tuple(config.data.labels)
     model = factory.classifier_from_config(config, num_classes=len(class_names))
-
-    train_table = pipeline.metadata_table(config.data, "train", data_dir=directory)
-    columns = train_table.label_columns(class_names)
-    pos_weight = None
-    if cfg.pos_weight == "balanced":
-        pos_weight = jnp.asarray(positive_weights(train_table.labels[:, columns], train_table.label_mask[:, columns]))
-        logging.info("classifier: positive weights %s", dict(zip(class_names, np.asarray(pos_weight).round(2))))
-    elif cfg.pos_weight:
-        raise ValueError(f"classifier.pos_weight must be '' or 'balanced', got {cfg.pos_weight!r}")
+    baseline_sizes = _baseline_sizes(config)
+    pos_weight = _positive_weight(config, directory)
 
     def init_variables(rng):
         return factory.init_variables(model, rng)
@@ -145,24 +193,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     def init_model_state(rng):
         return {name: value for name, value in init_variables(rng).items() if name in state_names}
 
-    def loss_fn(params, batch, rng, step, model_state=None):
-        del step
-        if model_state is None:
-            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-        else:
-            logits, model_state = model.apply({"params": params, **model_state}, batch["image"], train=True,
-                                              rngs={"dropout": rng}, mutable=state_names)
-        loss = bce_loss(logits, batch["labels"], batch["label_mask"], pos_weight)
-        return (loss, {"bce": loss}) if model_state is None else (loss, ({"bce": loss}, dict(model_state)))
-
+    loss_fn = _make_loss_fn(model, state_names, pos_weight)
     kind = factory.kind_of(model)
-    initial = initial_model_state = None
-    if cfg.init_from:
-        loaded, info = checkpoint.load_export(cfg.init_from, export_tree(abstract), kind=kind)
-        initial_variables = variables_from_export(loaded, state_names)
-        initial = initial_variables.pop("params")
-        initial_model_state = initial_variables or None
-        logging.info("classifier: starting from %s (%s)", cfg.init_from, info.get("source", "?"))
+    initial, initial_model_state = _initial_variables(cfg.init_from, kind, abstract, state_names)
     multipliers = _layer_decay(model, abstract["params"], cfg.layer_decay) if cfg.layer_decay < 1 else None
 
     data = iter(pipeline.make_dataset(config.data, "train", train=True, seed=int(config.seed),
@@ -215,13 +248,39 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     kept, _ = checkpoint.load_export(best_dir, export_tree(_evaluated_variables(state)), kind=kind)
     best = json.loads(best_info_path.read_text())
     return evaluate_on_test(config, workdir, predictions, variables_from_export(kept, state_names), class_names,
-                            directory, best, validation=best_validation.get(best["step"]))
+                            directory, best, validation=best_validation.get(best["step"]),
+                            baselines=lambda: pixel_baselines(config, directory, mesh, baseline_sizes, eval_bs))
+
+
+def pixel_baselines(config, directory, mesh, sizes: dict[str, int], batch_size: int) -> dict:
+    """`baselines.pixel_logreg` for each named size, on the real train/validation/test splits (un-augmented)."""
+    if not sizes:
+        return {}
+    key = (str(directory), repr(config.data.to_dict()), tuple(sorted(sizes.items())))
+    if key in _BASELINE_CACHE:
+        return _BASELINE_CACHE[key]
+
+    @jax.jit
+    def downsample(_, batch):
+        return {name: baselines_lib.area_downsample(batch["image"], side) for name, side in sizes.items()}
+
+    passes = {split: eval_pass.run_over_split(downsample, None, config, directory, split, mesh, batch_size=batch_size,
+                                           keys=("labels", "label_mask"))
+              for split in ("train", "validation", "test")}
+    labels = {split: out["labels"] for split, out in passes.items()}
+    masks = {split: out["label_mask"] for split, out in passes.items()}
+    results = {name: {"size": side, **baselines_lib.pixel_logreg({s: out[name] for s, out in passes.items()}, labels,
+                                                                 masks, tuple(config.data.labels))}
+               for name, side in sizes.items()}
+    _BASELINE_CACHE[key] = results
+    return results
 
 
 def evaluate_on_test(config, workdir, predictions, variables, class_names, directory, best, *,
-                     validation=None) -> dict:
+                     validation=None, baselines=None) -> dict:
     """Test metrics and plots of the kept variables; `validation`: their validation predictions, if at hand
-    (the evaluation that chose them made them), else they are computed again."""
+    (the evaluation that chose them made them), else they are computed again; `baselines`: a function giving
+    the baselines' results, reported beside the network's (results.json "baselines", test_auc.md columns)."""
     val = validation if validation is not None else predictions(variables, "validation")
     test = predictions(variables, "test")
     tables = {split: pipeline.metadata_table(config.data, split, data_dir=directory) for split in ("validation", "test")}
@@ -241,13 +300,15 @@ def evaluate_on_test(config, workdir, predictions, variables, class_names, direc
                                                    thresholds[name]).tolist()
     results["thresholds_from_validation"] = thresholds
     results["test_confusion"] = confusion
+    results["baselines"] = baselines() if baselines is not None else {}
     if jax.process_index() == 0:
         for split, out in (("validation", val), ("test", test)):
             table = tables[split]
             classification.write_predictions(workdir / f"predictions_{split}.csv", table.image_id[out["index"]],
                                              table.patient_id[out["index"]], out["labels"], out["probs"],
                                              class_names, mask=out["label_mask"] > 0)
-        (workdir / "test_auc.md").write_text(classification.auc_table_markdown({"test AUC": test_aucs}))
+        columns = {"test AUC": test_aucs} | {f"{name} (test)": b["test_auc"] for name, b in results["baselines"].items()}
+        (workdir / "test_auc.md").write_text(classification.auc_table_markdown(columns))
         curves = classification.roc_curves(test["labels"], test["probs"], class_names, test["label_mask"] > 0)
         if curves:
             plots.plot_roc_curves(curves, workdir / "roc_test.png", title="ROC curves (test)")
@@ -256,6 +317,8 @@ def evaluate_on_test(config, workdir, predictions, variables, class_names, direc
                                         title=f"{name} (test; threshold {thresholds[name]:.3f} from validation)")
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     logging.info("classifier test AUC: %s", {k: round(v, 4) for k, v in test_aucs.items()})
+    for name, baseline in results["baselines"].items():
+        logging.info("baseline %s test AUC: %s", name, {k: round(v, 4) for k, v in baseline["test_auc"].items()})
     return results
 
 

@@ -29,6 +29,7 @@ from xray_dit.train import eval_pass, loop
 
 CACHE_FILE = "latents.array_record"
 CACHE_INFO = "latents.json"
+NO_FINDING = "No Finding"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,21 +78,20 @@ def build_latent_cache(config: ml_collections.ConfigDict, workdir: epath.Path, v
         return {"mean": mean.astype(jnp.float32), "std": jnp.exp(0.5 * logvar).astype(jnp.float32)}
 
     batch_size = eval_pass.eval_batch_size(int(config.dit.train.batch_size), mesh)
-    labels = list(config.data.labels)
-    columns = [labels.index(c) for c in class_names] if class_names else []
     out = eval_pass.run_over_split(encode, params, config, directory, "train", mesh, batch_size=batch_size,
-                                only_class=only_class)
+                                only_class=only_class, keys=("labels", "label_mask"))
     count = len(out["mean"])
     if count == 0:
         raise ValueError(f"no training images of class {only_class!r} to train the DiT on")
+    classes = (conditioning_labels(out["labels"] * out["label_mask"], tuple(config.data.labels), class_names,
+                                   config.data.target_class) if class_names else np.zeros(count, np.int32))
     if jax.process_index() == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         if info_path.exists():
             info_path.unlink()  # the info file is written last: a half-written cache never looks complete
         writer = ArrayRecordWriter(str(cache_dir / CACHE_FILE), "group_size:1")
         for i in range(count):
-            label = int(np.argmax(out["labels"][i, columns])) if columns else 0
-            writer.write(latent_record(label, out["mean"][i], out["std"][i]))
+            writer.write(latent_record(int(classes[i]), out["mean"][i], out["std"][i]))
         writer.close()
     info = {"fingerprint": fingerprint, "count": count, "latent_shape": list(out["mean"].shape[1:]),
             "scaling_factor": scale, "latent_std_of_means": float(np.std(out["mean"] * scale))}
@@ -104,6 +104,23 @@ def build_latent_cache(config: ml_collections.ConfigDict, workdir: epath.Path, v
     logging.info("latent cache: %d latents of shape %s (%.1f MiB) in %s", count, info["latent_shape"], size_mb,
                  cache_dir)
     return cache_dir, info
+
+
+def conditioning_classes(label_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The classes a class-conditional DiT learns: the labels, and "No Finding" for images with none."""
+    return label_names if NO_FINDING in label_names else (*label_names, NO_FINDING)
+
+
+def conditioning_labels(labels: np.ndarray, label_names: tuple[str, ...], class_names: tuple[str, ...],
+                        target: str) -> np.ndarray:
+    """One class index per image from its multi-hot `labels` (N, len(label_names)): the target class when
+    positive (so the target's conditioning sees exactly the images a target-only DiT learns from), else the
+    first positive label in `label_names` order, else "No Finding"."""
+    labels = np.asarray(labels) > 0
+    out = np.full(len(labels), class_names.index(NO_FINDING), np.int32)
+    for name in reversed([target] + [n for n in label_names if n != target and n != NO_FINDING]):
+        out[labels[:, label_names.index(name)]] = class_names.index(name)
+    return out
 
 
 def latent_record(label: int, mean: np.ndarray, std: np.ndarray) -> bytes:
@@ -170,7 +187,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: epath.Path, *, vae_dir
                          "or of `python -m xray_dit.tools.import_weights --kind=vae`")
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
     target = config.data.target_class
-    class_names = tuple(config.data.labels) if config.dit.class_conditional else ()
+    class_names = conditioning_classes(tuple(config.data.labels)) if config.dit.class_conditional else ()
     only_class = None if config.dit.class_conditional else target
     cache_dir, cache = build_latent_cache(config, workdir, vae_dir, mesh=mesh, class_names=class_names,
                                           only_class=only_class)

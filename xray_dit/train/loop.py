@@ -219,6 +219,28 @@ def _fetch_batch(data: Iterator[dict]) -> dict:
         raise RuntimeError("the training data iterator ran out; make it repeat (num_epochs=None)") from e
 
 
+def init_state(task: TrainTask, tx: optax.GradientTransformation, root_rng: jax.Array, mesh, rules, *,
+               use_ema: bool) -> dict:
+    """The step-0 state {params, opt_state, step, rng[, ema_params][, model_state...]}, each array created
+    where its logical axes place it on `mesh` (imported `initial_params` are placed the same way)."""
+    init_rng, state_rng = jax.random.split(root_rng)
+    abstract = jax.eval_shape(task.init_params, init_rng)
+    param_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+    if task.initial_params is not None:
+        params = jax.device_put(task.initial_params, param_shardings)
+    else:
+        params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)), out_shardings=param_shardings)(init_rng)
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params),
+             "step": jnp.asarray(0, jnp.int32), "rng": state_rng}
+    if use_ema:
+        state["ema_params"] = jax.tree.map(jnp.copy, params)
+    if task.init_model_state is not None:
+        state["model_state"] = _initial_model_state(task, init_rng, mesh, rules)
+        if use_ema:
+            state["ema_model_state"] = jax.tree.map(jnp.copy, state["model_state"])
+    return state
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task: TrainTask,
           *, mesh=None) -> dict:
     """Trains `task` in `workdir` (resuming from its checkpoints) and returns the final state."""
@@ -233,25 +255,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, task
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ---- Model and state, initialised directly sharded --------------------------------------
-        root_rng = jax.random.PRNGKey(int(config.seed))
-        init_rng, state_rng = jax.random.split(root_rng)
-        abstract = jax.eval_shape(task.init_params, init_rng)
-        param_shardings = sharding.logical_to_shardings(abstract, mesh, rules)
-        if task.initial_params is not None:
-            params = jax.device_put(task.initial_params, param_shardings)
-        else:
-            params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)),
-                             out_shardings=param_shardings)(init_rng)
         tx = make_optimizer(train_cfg, task.lr_multipliers)
         use_ema = float(train_cfg.ema_decay) > 0
-        state = {"params": params, "opt_state": jax.jit(tx.init)(params),
-                 "step": jnp.asarray(0, jnp.int32), "rng": state_rng}
-        if use_ema:
-            state["ema_params"] = jax.tree.map(jnp.copy, params)
-        if task.init_model_state is not None:
-            state["model_state"] = _initial_model_state(task, init_rng, mesh, rules)
-            if use_ema:
-                state["ema_model_state"] = jax.tree.map(jnp.copy, state["model_state"])
+        state = init_state(task, tx, jax.random.PRNGKey(int(config.seed)), mesh, rules, use_ema=use_ema)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
         # ---- Checkpoint: resume if this workdir has one -----------------------------------------

@@ -76,6 +76,9 @@ class CxrPhantom(common.CxrBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
         config: PhantomConfig = self.builder_config
+        # Kept with the data: whoever reads it back (e.g. the study's positive control) needs the cohort's spec.
+        self.info.metadata["phantom"] = {"seed": config.seed, "num_images": config.num_images,
+                                         "spec": dataclasses.asdict(config.spec)}
         cohort = phantom.make_cohort(config.num_images, seed=config.seed, spec=config.spec)
         by_split = {split: [image for image in cohort if image.split == split] for split in phantom.SPLITS}
         splits.check_patient_disjoint({s: (i.patient_id for i in images) for s, images in by_split.items()},
@@ -100,3 +103,12 @@ class CxrPhantom(common.CxrBuilder):
                 "true_labels": np.asarray(image.true_labels, np.float32),
             }
         self.finish_split(split)
+
+
+def prepared_spec(builder: tfds.core.DatasetBuilder, config_name: str) -> phantom.PhantomSpec:
+    """The `PhantomSpec` a prepared phantom was drawn with: from its metadata, or (prepared before the
+    metadata held it) from the named config `config_name`."""
+    saved = builder.info.metadata.get("phantom")
+    if saved:
+        return phantom.PhantomSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["spec"].items()})
+    return CxrPhantom.named_config(config_name).spec

@@ -88,6 +88,20 @@ def test_auc_with_ci(artifacts_dir, drawn_figures):
         plots.plot_auc_with_ci({"bad": (0.9, 0.95, 0.99)}, artifacts_dir / "bad.png")
 
 
+def test_forest_of_differences_shows_zero_and_difference_curves(artifacts_dir):
+    differences = {"real + 200 synthetic": (0.02, 0.005, 0.04), "real + 200 oversampled real": (0.01, -0.01, 0.03)}
+    _check_png(plots.plot_auc_with_ci(differences, artifacts_dir / "forest.png", xlabel="AUC difference",
+                                      reference=0.0))
+    series = {"synthetic": [(100, 0.01, -0.02, 0.04), (400, 0.03, 0.0, 0.06), (200, 0.02, -0.01, 0.05)],
+              "oversampled real": [(100, 0.0, -0.03, 0.03), (200, 0.01, -0.02, 0.04)]}
+    _check_png(plots.plot_difference_curves(series, artifacts_dir / "dose.png", xlabel="images added",
+                                            xtick_labels={100: "100", 200: "200", 400: "400"}))
+    with pytest.raises(ValueError, match="lower <= estimate <= upper"):
+        plots.plot_difference_curves({"bad": [(1, 0.5, 0.6, 0.7)]}, artifacts_dir / "bad.png", xlabel="x")
+    with pytest.raises(ValueError, match="at least one series"):
+        plots.plot_difference_curves({"empty": []}, artifacts_dir / "bad.png", xlabel="x")
+
+
 def test_distance_histograms_ctr_and_training_curves(artifacts_dir):
     rng = np.random.default_rng(1)
     _check_png(plots.plot_distance_histograms(

@@ -182,7 +182,13 @@ def test_compare_covers_every_arm_and_seed(study):
         assert lo_hi[1] <= lo_hi[0] <= lo_hi[2]
         if arm != "real only":
             assert 0.0 <= row["vs_baseline"]["delong_p"] <= 1.0
-    assert len(compare["statements"]) == 7 and all("significant" in s for s in compare["statements"])
+    # The Holm family pools each generated kind's two generator seeds: 5 comparisons for the 7 arms.
+    pooled = "real + 8 synthetic (target_only, 2 generator seeds)"
+    family = {entry["name"]: entry for entry in compare["family"]}
+    assert len(family) == 5 and family[pooled]["arms"] == [f"real + 8 synthetic (target_only_seed{g})" for g in (0, 1)]
+    assert compare["statements"] == [entry["statement"] for entry in compare["family"]]
+    assert all("significant" in s for s in compare["statements"])
+    assert [(p["name"], p["control"]) for p in compare["primary"]] == [(pooled, "real + 8 oversampled real")]
 
 
 def test_class_conditional_generator_learns_every_class_and_samples_the_target_with_guidance(study, tmp_path):

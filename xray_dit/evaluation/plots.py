@@ -77,8 +77,9 @@ def plot_confusion_matrix(cm, class_labels: Sequence[str], path, title: str = "C
 
 
 def plot_auc_with_ci(arms: Mapping[str, Sequence[float]], path, title: str = "AUC with 95% CI",
-                     xlabel: str = "AUC") -> pathlib.Path:
-    """Forest plot: one row per arm from {arm → (auc, lower, upper)}, value printed beside each point."""
+                     xlabel: str = "AUC", reference: float | None = None) -> pathlib.Path:
+    """Forest plot: one row per arm from {arm → (auc, lower, upper)}, value printed beside each point;
+    `reference`: a dashed vertical line there (0 for differences)."""
     if not arms:
         raise ValueError("plot_auc_with_ci needs at least one arm")
     names = list(arms)
@@ -94,10 +95,43 @@ def plot_auc_with_ci(arms: Mapping[str, Sequence[float]], path, title: str = "AU
         ax.annotate(f"{a:.3f} [{lo:.3f}, {hi:.3f}]", (hi, row), xytext=(6, 0), textcoords="offset points",
                     va="center", fontsize=9)
     ax.set_yticks(rows, labels=names)
+    if reference is not None:
+        ax.axvline(reference, color="grey", linestyle="--", linewidth=1)
+        lower, upper = np.minimum(lower, reference), np.maximum(upper, reference)
     span = max(upper.max() - lower.min(), 0.02)
     ax.set(xlim=(lower.min() - 0.1 * span, upper.max() + 0.6 * span), ylim=(-0.7, len(names) - 0.3),
            xlabel=xlabel, title=title)
     ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_difference_curves(series: Mapping[str, Sequence[Sequence[float]]], path, *, xlabel: str,
+                           ylabel: str = "difference", title: str = "",
+                           xtick_labels: Mapping[float, str] | None = None) -> pathlib.Path:
+    """Differences against a numeric axis (dose, data fraction): one line per series of (x, estimate, lower,
+    upper) points with interval bars, a dashed line at 0. Series sharing an x are drawn slightly apart."""
+    if not series or not any(len(points) for points in series.values()):
+        raise ValueError("plot_difference_curves needs at least one series with a point")
+    xs = np.array([float(p[0]) for points in series.values() for p in points])
+    dodge = 0.012 * max(float(np.ptp(xs)), 1.0)
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    for i, (colour, (name, points)) in enumerate(zip(_colours(len(series)), series.items())):
+        points = sorted((tuple(float(v) for v in p[:4]) for p in points))
+        if not points:
+            continue
+        x, estimate, lower, upper = (np.array(column) for column in zip(*points))
+        if np.any(lower > estimate) or np.any(upper < estimate):
+            raise ValueError(f"series {name!r} needs lower <= estimate <= upper at every point")
+        x = x + dodge * (i - (len(series) - 1) / 2)
+        ax.errorbar(x, estimate, yerr=[estimate - lower, upper - estimate], fmt="o-", color=colour, capsize=4,
+                    label=name)
+    if xtick_labels:
+        ax.set_xticks(list(xtick_labels), labels=list(xtick_labels.values()))
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, framealpha=0.9)
     return _save(fig, path)
 
 

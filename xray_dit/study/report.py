@@ -1,111 +1,21 @@
 """Phase 9: `report.md` and a self-contained `report.html` (figures embedded), written as a results section.
 
-The report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered to
-both formats, so the two never disagree.
+The order is the analysis plan's: the plan, the primary endpoint, the Holm family, the forest plot,
+dose-response and scarcity, detectability (`report_comparison`); then the baseline beside its pixel
+logistic regression, every arm's numbers, the filters, privacy, quality, limitations and timings.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import os
 
 import jax
-import numpy as np
-from etils import epath
 
-from xray_dit.study import analysis, privacy_report
+from xray_dit.study import analysis, privacy_report, report_comparison
 from xray_dit.study.context import StudyContext, phase_seconds
+from xray_dit.study.document import Report, ci_text
 
-
-class Report:
-    def __init__(self, root: epath.Path):
-        self.root = root
-        self.blocks: list[tuple] = []
-
-    def h(self, level: int, text: str):
-        self.blocks.append(("h", level, text))
-
-    def p(self, text: str):
-        self.blocks.append(("p", text))
-
-    def bullets(self, items: list[str]):
-        self.blocks.append(("ul", items))
-
-    def table(self, header: list[str], rows: list[list]):
-        self.blocks.append(("table", header, [[_cell(c) for c in row] for row in rows]))
-
-    def figure(self, path: str | None, caption: str):
-        if path and epath.Path(path).exists():
-            self.blocks.append(("img", str(path), caption))
-
-    def code(self, text: str):
-        self.blocks.append(("code", text))
-
-    def markdown(self) -> str:
-        out = []
-        for block in self.blocks:
-            kind = block[0]
-            if kind == "h":
-                out.append("#" * block[1] + " " + block[2])
-            elif kind == "p":
-                out.append(block[1])
-            elif kind == "ul":
-                out.append("\n".join(f"- {item}" for item in block[1]))
-            elif kind == "table":
-                lines = ["| " + " | ".join(block[1]) + " |", "|" + "---|" * len(block[1])]
-                lines += ["| " + " | ".join(row) + " |" for row in block[2]]
-                out.append("\n".join(lines))
-            elif kind == "img":
-                out.append(f"![{block[2]}]({os.path.relpath(block[1], self.root)})\n\n*{block[2]}*")
-            elif kind == "code":
-                out.append("```\n" + block[1] + "\n```")
-        return "\n\n".join(out) + "\n"
-
-    def html(self, title: str) -> str:
-        body = []
-        for block in self.blocks:
-            kind = block[0]
-            if kind == "h":
-                body.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
-            elif kind == "p":
-                body.append(f"<p>{_inline(block[1])}</p>")
-            elif kind == "ul":
-                body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block[1]) + "</ul>")
-            elif kind == "table":
-                head = "".join(f"<th>{html.escape(c)}</th>" for c in block[1])
-                rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in block[2])
-                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-            elif kind == "img":
-                data = base64.b64encode(epath.Path(block[1]).read_bytes()).decode()
-                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block[2])}">'
-                            f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
-            elif kind == "code":
-                body.append(f"<pre>{html.escape(block[1])}</pre>")
-        style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;line-height:1.45;color:#222}"
-                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-                 "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}"
-                 "figcaption{font-size:.9em;color:#555}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "n/a" if not np.isfinite(value) else f"{value:.3f}"
-    return str(value)
-
-
-def _inline(text: str) -> str:
-    escaped = html.escape(text)
-    parts = escaped.split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _ci(values) -> str:
-    estimate, lower, upper = values
-    return f"{estimate:.3f} [{lower:.3f}, {upper:.3f}]"
+__all__ = ["Report", "write_report", "ordinal"]
 
 
 def write_report(context: StudyContext) -> dict:
@@ -113,72 +23,24 @@ def write_report(context: StudyContext) -> dict:
     target = config.data.target_class
     report = Report(context.workdir)
     compare, filt, priv = r["07_compare"], r["05_filter"], r["08_privacy"]
-    baseline_row = compare["arms"][analysis.BASELINE]
-
     report.h(1, f"Does DiT-generated {target} data help the classifier, and is it safe to share?")
     report.p(f"Dataset **{config.data.name}/{config.data.builder_config}** ({config.data.image_size} px), "
              f"target (minority) class **{target}**, classifier seeds {list(config.study.seeds)}. "
              f"Test set: {compare['test_images']} images of {compare['test_patients']} patients, "
-             f"{compare['test_positives']} positive for {target}.")
-    report.h(2, "Answer")
-    report.bullets(compare["statements"] + [privacy_report.headline(priv, filt, config)])
-    ctr = priv.get("ctr_oracle")
-    if ctr and ctr["measurable"] == 0:
-        report.p(f"Label fidelity by the phantom's CTR oracle: **none** of the {ctr['generated']} generated images "
-                 "has a measurable thorax, so none counts as an enlarged heart (target ≥ 80 %: NOT met).")
-    elif ctr:
-        ok = ctr["fraction_ctr_above_0.5"] >= 0.8
-        report.p(f"Label fidelity by the phantom's CTR oracle: **{100 * ctr['fraction_ctr_above_0.5']:.1f} %** of "
-                 f"the {ctr['measurable']} measurable generated {target} images have CTR > 0.5 "
-                 f"(target ≥ 80 %: {'met' if ok else 'NOT met'}; "
-                 f"{100 * ctr['fraction_of_all_generated_ctr_above_0.5']:.1f} % of all {ctr['generated']} generated); "
-                 f"mean CTR synthetic {ctr['synthetic_ctr_mean']:.3f} vs real {ctr['real_minority_ctr_mean']:.3f}.")
-    base_auc = baseline_row["target_ensemble_auc_ci"][0]
-    if config.data.name == "cxr_phantom":
-        in_range = 0.70 <= base_auc <= 0.92
-        report.p(f"Baseline {target} test AUC {base_auc:.3f} (intended range for the phantom study 0.70–0.92: "
-                 f"{'met' if in_range else 'NOT met'}).")
-
-    report.h(2, "Classifier performance per arm (test split)")
-    header = ["arm", f"{target} AUC, seed ensemble [95% CI]", "mean ± sd over seeds", "Δ vs real only [95% CI]",
-              "DeLong p", "significant"]
-    rows = []
-    for arm, row in compare["arms"].items():
-        mean, sd = row["per_class_mean_sd"][target]
-        vs = row.get("vs_baseline")
-        rows.append([arm, _ci(row["target_ensemble_auc_ci"]), f"{mean:.3f} ± {sd:.3f}",
-                     _ci(vs["auc_difference_ci"]) if vs else "—", f"{vs['delong_p']:.3g}" if vs else "—",
-                     ("yes" if vs["significant"] else "no") if vs else "—"])
-    report.table(header, rows)
-    names = list(config.data.labels)
-    report.table(["arm"] + [f"{c} (mean ± sd)" for c in names],
-                 [[arm] + [f"{row['per_class_mean_sd'][c][0]:.3f} ± {row['per_class_mean_sd'][c][1]:.3f}" for c in names]
-                  for arm, row in compare["arms"].items()])
-    report.figure(compare["figures"]["auc_ci"], f"{target} AUC per arm with patient-level bootstrap 95% CI")
-    report.figure(compare["figures"]["roc"], f"{target} ROC curves per arm (seed-ensemble scores)")
-    for arm, path in compare["figures"]["confusion"].items():
-        source = compare["arms"][arm]["threshold_source"]
-        report.figure(path, f"Confusion matrix, {arm} (threshold {compare['arms'][arm]['threshold']:.3f} from {source})")
-
-    report.h(2, "Synthetic images and the filters")
-    report.figure(priv["figures"]["grid"], "Real training images of the target class (top row) and synthetic ones")
-    report.p(f"{filt['generated']} images generated, **{filt['accepted']} accepted** by all four filters. "
-             "Each criterion on its own:")
-    report.table(["filter", "passed", "rejected", "threshold"],
-                 [[name, c["passed"], c["rejected"], _threshold_text(name, filt["thresholds"], target)]
-                  for name, c in filt["criteria"].items()])
-    for name, path in filt["reject_examples"].items():
-        report.figure(path, f"Examples rejected by the {name} filter")
-
+             f"{compare['test_positives']} positive for {target}."
+             + _fraction_text(compare, r.get("fractions")))
+    report_comparison.opening_sections(report, compare, priv, r.get("fractions"), context.phase_dir("09_report"))
+    _baseline_section(report, config, compare, r["01_baseline"])
+    _arms_section(report, config, compare)
+    _filters_section(report, filt, priv, target)
     report.blocks += privacy_report.report_section(priv, filt, config)
-
+    report.h(2, "Limitations")
+    report.bullets(_limitations(config, compare))
     report.h(2, "Phases, timings and configuration")
     seconds = phase_seconds(context.workdir)
     report.table(["phase", "wall time (s)"], [[p, f"{s:.1f}"] for p, s in seconds.items()] +
-                 [["total (phases 1–8)", f"{sum(seconds.values()):.1f}"]])
+                 [["total", f"{sum(seconds.values()):.1f}"]])
     report.p(f"Devices: {jax.device_count()} × {jax.devices()[0].platform}.")
-    report.h(2, "Limitations")
-    report.bullets(_limitations(config, compare))
     report.h(3, "Configuration")
     report.code(json.dumps(config.to_dict(), indent=1, default=str))
 
@@ -189,10 +51,103 @@ def write_report(context: StudyContext) -> dict:
     return {"markdown": str(md_path), "html": str(html_path)}
 
 
+def _fraction_text(compare: dict, fractions: dict | None) -> str:
+    if not fractions or len(fractions) < 2:
+        return ""
+    listed = ", ".join(f"{float(f):g}" for f in fractions)
+    return (f" Every section but the scarcity curve reports target fraction {compare.get('fraction', 1.0):g}, the "
+            f"largest of the study's fractions ({listed}).")
+
+
+def _baseline_section(report: Report, config, compare: dict, baseline: dict) -> None:
+    target = config.data.target_class
+    row = compare["arms"][analysis.BASELINE]
+    report.h(2, "Baseline: the network and a pixel logistic regression beside it")
+    mean, sd = row["per_class_mean_sd"][target]
+    names = list(config.data.labels)
+    rows = [["network", f"{mean:.3f} ± {sd:.3f}", ci_text(row["target_ensemble_auc_ci"]),
+             _mean_over_classes([row["per_class_mean_sd"][c][0] for c in names])]]
+    fitted = _pixel_baselines(baseline["runs"])
+    for name, aucs in fitted.items():
+        rows.append([name, f"{aucs[target]:.3f}", "—", _mean_over_classes([aucs[c] for c in names if c in aucs])])
+    report.table(["model", f"{target} test AUC, mean ± sd over seeds", "seed ensemble [95% CI]",
+                  "mean AUC over classes (mean over seeds)"], rows)
+    if not fitted:
+        report.p("No pixel baseline was fitted beside the network (classifier.baselines is empty).")
+    if config.data.name == "cxr_phantom":
+        auc = row["target_ensemble_auc_ci"][0]
+        report.p(f"Baseline {target} test AUC {auc:.3f} (intended range for the phantom study 0.70–0.92: "
+                 f"{'met' if 0.70 <= auc <= 0.92 else 'NOT met'}).")
+
+
+def _pixel_baselines(runs: dict) -> dict[str, dict[str, float]]:
+    """Each pixel baseline's per-class test AUCs, averaged over the runs that report it."""
+    collected: dict[str, list[dict]] = {}
+    for run in runs.values():
+        for name, result in (run.get("baselines") or {}).items():
+            collected.setdefault(name, []).append(result["test_auc"])
+    return {name: {c: float(sum(a[c] for a in aucs) / len(aucs)) for c in aucs[0]} for name, aucs in collected.items()}
+
+
+def _mean_over_classes(values: list[float]) -> str:
+    finite = [v for v in values if v == v]
+    return f"{sum(finite) / len(finite):.3f}" if finite else "n/a"
+
+
+def _arms_section(report: Report, config, compare: dict) -> None:
+    target = config.data.target_class
+    report.h(2, "Classifier performance per arm (test split)")
+    report.p("Seed ensemble with patient-bootstrap 95% CIs; sensitivity at the threshold that gives "
+             f"{100 * compare['plan']['specificity']:.0f} % specificity on validation (the test specificity it "
+             "reaches beside it). Δ and DeLong p: the ensemble against real only, a secondary check.")
+    rows = []
+    for arm, row in compare["arms"].items():
+        mean, sd = row["per_class_mean_sd"][target]
+        sens = row["sensitivity_at_specificity"]
+        sens_text = (f"{ci_text(sens['sensitivity'])} (spec. {sens['test_specificity']:.2f})"
+                     if sens.get("threshold") is not None else "n/a (no validation positives)")
+        vs = row.get("vs_baseline")
+        rows.append([arm, ci_text(row["target_ensemble_auc_ci"]), f"{mean:.3f} ± {sd:.3f}", ci_text(row["auprc"]),
+                     sens_text, ci_text(vs["auc_difference_ci"], signed=True) if vs else "—",
+                     f"{vs['delong_p']:.3g}" if vs else "—"])
+    report.table(["arm", f"{target} AUC [95% CI]", "mean ± sd over seeds", "AUPRC [95% CI]",
+                  "sensitivity at 90% spec. [95% CI]", "Δ AUC vs real only", "DeLong p"], rows)
+    names = list(config.data.labels)
+    report.table(["arm"] + [f"{c} (mean ± sd)" for c in names],
+                 [[arm] + [f"{row['per_class_mean_sd'][c][0]:.3f} ± {row['per_class_mean_sd'][c][1]:.3f}" for c in names]
+                  for arm, row in compare["arms"].items()])
+    report.figure(compare["figures"]["auc_ci"], f"{target} AUC per arm with patient-level bootstrap 95% CI")
+    report.figure(compare["figures"]["roc"], f"{target} ROC curves per arm (seed-ensemble scores)")
+    for arm, path in compare["figures"]["confusion"].items():
+        source = compare["arms"][arm]["threshold_source"]
+        report.figure(path, f"Confusion matrix, {arm} (threshold {compare['arms'][arm]['threshold']:.3f} from {source})")
+
+
+def _filters_section(report: Report, filt: dict, priv: dict, target: str) -> None:
+    report.h(2, "Synthetic images and the filters")
+    report.figure(priv["figures"]["grid"], "Real training images of the target class (top row) and synthetic ones")
+    report.p(f"{filt['generated']} images generated, **{filt['accepted']} accepted** by all four filters. "
+             "Each criterion on its own:")
+    report.table(["filter", "passed", "rejected", "threshold"],
+                 [[name, c["passed"], c["rejected"], _threshold_text(name, filt["thresholds"], target)]
+                  for name, c in filt["criteria"].items()])
+    for name, path in filt["reject_examples"].items():
+        report.figure(path, f"Examples rejected by the {name} filter")
+
+
+def ordinal(value: float) -> str:
+    """A percentile's ordinal: 1 → "1st", 5 → "5th", 22 → "22nd", 2.5 → "2.5th"."""
+    if value != int(value):
+        return f"{value:g}th"
+    number = int(value)
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
 def _threshold_text(name: str, thresholds: dict, target: str) -> str:
     return {"label fidelity": f"p({target}) ≥ {thresholds['fidelity_probability']:.2f}",
             "realism": f"k-NN cosine distance ≤ {thresholds['realism_knn']:.4f}",
-            "privacy": f"pixel > {thresholds['privacy_pixel']:.4f} and feature > {thresholds['privacy_feature']:.4f}",
+            "privacy": f"pixel ≥ {thresholds['privacy_pixel']:.4f} and feature ≥ {thresholds['privacy_feature']:.4f}",
             "duplicates": f"pixel correlation ≤ {thresholds['duplicate_correlation']:.2f}"}[name]
 
 
@@ -202,8 +157,10 @@ def _limitations(config, compare) -> list[str]:
         "seed-to-seed spread is reported but a few seeds estimate it poorly.",
         f"The test set holds {compare['test_positives']} {config.data.target_class} positives; the confidence "
         "intervals reflect that and a small difference cannot be detected.",
-        "DeLong's test treats test images as independent; with several images per patient the patient-level "
-        "bootstrap interval of the difference is the more honest one, and both are shown.",
+        "The verdicts come from the pre-specified two-level bootstrap (patients × seeds); DeLong's test treats "
+        "test images as independent and is shown only as a secondary check.",
+        "Per-arm intervals (AUC, AUPRC, sensitivity) resample test patients around the seed ensemble; only the "
+        "differences also resample seeds.",
         "Synthetic images carry only the generated label; other findings in them count as negative.",
         "Synthetic images pass through the VAE decoder and are smoother than real images; a classifier can tell "
         "the two apart, so part of any effect may come from this domain gap rather than from the anatomy.",

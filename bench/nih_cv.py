@@ -41,18 +41,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NIH_SAMPLE = ROOT.parent / "shared" / "data" / "nih_sample"
 POSITIVE, NEGATIVE = "Pneumonia", "No Finding"
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "quickstart.py"),
-                                          "config whose classifier block is measured", lock_config=True)
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", str(NIH_SAMPLE), "the NIH download (the sample's layout)")
-_WORKDIR = flags.DEFINE_string("workdir", str(ROOT / "bench" / "out" / "nih_cv"), "prepared data and fold runs")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "NIH builder config (resolution) the sample is prepared at")
-_FOLDS = flags.DEFINE_integer("folds", 5, "number of patient-wise folds")
-_ONLY_FOLDS = flags.DEFINE_list("only_folds", [], "run only these folds (default: all)")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "classifier seeds per fold (the network's AUC is their mean)")
-_VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", 0.15, "share of a fold's training patients "
-                                          "held out for model selection")
-_SPLIT_SEED = flags.DEFINE_integer("split_seed", 0, "seed of the folds and the inner validation split")
-_APPEND = flags.DEFINE_bool("append", True, "append the table to bench/RESULTS.md")
+def _define_flags() -> None:
+    """The command's flags; defined only when it runs, so that importing its functions defines none."""
+    config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "quickstart.py"),
+                                    "config whose classifier block is measured", lock_config=True)
+    flags.DEFINE_string("manual_dir", str(NIH_SAMPLE), "the NIH download (the sample's layout)")
+    flags.DEFINE_string("workdir", str(ROOT / "bench" / "out" / "nih_cv"), "prepared data and fold runs")
+    flags.DEFINE_integer("image_size", 64, "NIH builder config (resolution) the sample is prepared at")
+    flags.DEFINE_integer("folds", 5, "number of patient-wise folds")
+    flags.DEFINE_list("only_folds", [], "run only these folds (default: all)")
+    flags.DEFINE_list("seeds", ["0"], "classifier seeds per fold (the network's AUC is their mean)")
+    flags.DEFINE_float("validation_fraction", 0.15, "share of a fold's training patients held out for model "
+                       "selection")
+    flags.DEFINE_integer("split_seed", 0, "seed of the folds and the inner validation split")
+    flags.DEFINE_bool("append", True, "append the table to bench/RESULTS.md")
 
 
 # ---- Folds (pure) ----------------------------------------------------------------------------------
@@ -194,27 +196,29 @@ def _classifier_summary(config: ml_collections.ConfigDict) -> str:
 
 def main(argv):
     del argv
-    base = _CONFIG.value
-    seeds = tuple(int(s) for s in _SEEDS.value)
+    FLAGS = flags.FLAGS
+    base = FLAGS.config
+    seeds = tuple(int(s) for s in FLAGS.seeds)
     machine = _machine()
-    results = cross_validate(base, manual_dir=_MANUAL_DIR.value, workdir=pathlib.Path(_WORKDIR.value),
-                             image_size=_IMAGE_SIZE.value, folds=_FOLDS.value,
-                             only_folds=tuple(int(f) for f in _ONLY_FOLDS.value), seeds=seeds,
-                             validation_fraction=_VALIDATION_FRACTION.value, split_seed=_SPLIT_SEED.value)
+    results = cross_validate(base, manual_dir=FLAGS.manual_dir, workdir=pathlib.Path(FLAGS.workdir),
+                             image_size=FLAGS.image_size, folds=FLAGS.folds,
+                             only_folds=tuple(int(f) for f in FLAGS.only_folds), seeds=seeds,
+                             validation_fraction=FLAGS.validation_fraction, split_seed=FLAGS.split_seed)
     command = "python -m bench.nih_cv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    lines = [f"\n## NIH Pneumonia vs No Finding, patient-wise {_FOLDS.value}-fold CV: `{command}` "
+    lines = [f"\n## NIH Pneumonia vs No Finding, patient-wise {FLAGS.folds}-fold CV: `{command}` "
              f"({datetime.date.today().isoformat()})",
-             f"Machine: {machine}. {_IMAGE_SIZE.value} px; classifier: {_classifier_summary(base)}; seeds "
+             f"Machine: {machine}. {FLAGS.image_size} px; classifier: {_classifier_summary(base)}; seeds "
              f"{list(seeds)} (network AUC = their mean); baselines fitted on the same train split, C chosen on the "
-             f"inner validation split ({_VALIDATION_FRACTION.value:.0%} of the training patients); test = the "
+             f"inner validation split ({FLAGS.validation_fraction:.0%} of the training patients); test = the "
              "held-out fold. Seconds: one whole run (training, evaluation; the baselines are fitted in a fold's first "
              "run only), wall and CPU (user + system, all threads).\n",
              *table_markdown(results)]
     print("\n".join(lines), flush=True)
-    if _APPEND.value:
+    if FLAGS.append:
         with (ROOT / "bench" / "RESULTS.md").open("a") as f:
             f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -15,7 +15,7 @@ from xray_dit.study import analysis, privacy_report, report_comparison
 from xray_dit.study.context import StudyContext, phase_seconds
 from xray_dit.study.document import Report, ci_text
 
-__all__ = ["Report", "write_report", "ordinal"]
+__all__ = ["Report", "write_report"]
 
 
 def write_report(context: StudyContext) -> dict:
@@ -133,15 +133,6 @@ def _filters_section(report: Report, filt: dict, priv: dict, target: str) -> Non
                   for name, c in filt["criteria"].items()])
     for name, path in filt["reject_examples"].items():
         report.figure(path, f"Examples rejected by the {name} filter")
-
-
-def ordinal(value: float) -> str:
-    """A percentile's ordinal: 1 → "1st", 5 → "5th", 22 → "22nd", 2.5 → "2.5th"."""
-    if value != int(value):
-        return f"{value:g}th"
-    number = int(value)
-    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
-    return f"{number}{suffix}"
 
 
 def _threshold_text(name: str, thresholds: dict, target: str) -> str:

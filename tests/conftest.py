@@ -15,28 +15,36 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(path: pathlib.Path, what: str) -> pathlib.Path:
+    """`path` when it exists. Otherwise the test skips, saying why; under CI (the variable CI set) it fails
+    instead, because CI always has ../shared and the configs, so a missing one there is breakage, not
+    an optional extra."""
+    if path.exists():
+        return path
+    message = f"{what} not found at {path}"
+    if in_ci():
+        pytest.fail(f"{message}; CI is set, where it must be present")
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
-    """`../shared` beside the project root; tests that need it skip, saying why, when it is absent."""
-    if not SHARED.is_dir():
-        pytest.skip(f"reference material not found at {SHARED} (the ../shared folder beside the project root)")
-    return SHARED
+    """`../shared` beside the project root; tests that need it skip, saying why, when it is absent (fail under CI)."""
+    return require(SHARED, "reference material (the ../shared folder beside the project root)")
 
 
 @pytest.fixture(scope="session")
 def golden_dir(shared_dir) -> pathlib.Path:
-    path = shared_dir / "golden"
-    if not path.is_dir():
-        pytest.skip(f"golden reference tensors not found at {path}")
-    return path
+    return require(shared_dir / "golden", "golden reference tensors")
 
 
 @pytest.fixture(scope="session")
 def nih_sample_dir(shared_dir) -> pathlib.Path:
-    path = shared_dir / "data" / "nih_sample"
-    if not path.is_dir():
-        pytest.skip(f"real NIH sample not found at {path}")
-    return path
+    return require(shared_dir / "data" / "nih_sample", "real NIH sample")
 
 
 @pytest.fixture

@@ -270,6 +270,15 @@ def test_samplers_run_jitted_and_are_deterministic_given_the_key(schedule, tiny_
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
 
+    # The DDPM loop is the reverse chain of single ancestral steps, step t's noise drawn from fold_in(key, t).
+    x = noise
+    for index in reversed(range(5)):
+        t = jnp.full((2,), index)
+        step_noise = jax.random.normal(jax.random.fold_in(jax.random.key(3), index), x.shape, x.dtype)
+        x = samplers.ddpm_step(spaced, samplers.guided_model_output(tiny_eps_fn, spaced, x, t, y), x, t,
+                               step_noise).sample
+    np.testing.assert_allclose(a, x, rtol=1e-4, atol=1e-4 * np.abs(x).max())  # fused vs op-by-op rounding
+
     ddim = jax.jit(functools.partial(samplers.sample_ddim, tiny_eps_fn, spaced, y=y))
     d = ddim(noise, jax.random.key(3))
     np.testing.assert_array_equal(d, ddim(noise, jax.random.key(4)))  # eta = 0: the key is unused

@@ -28,29 +28,62 @@ def _phantom_like_images(rng, n, size=32):
     return np.stack(images)
 
 
-def test_roc_curves_per_class(artifacts_dir):
+@pytest.fixture
+def drawn_figures(monkeypatch):
+    """The matplotlib figures the plot functions save, kept for their data (they are saved as usual)."""
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    return figures
+
+
+def _grey_levels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L")).ravel()
+
+
+def test_roc_curves_per_class(artifacts_dir, drawn_figures):
     rng = np.random.default_rng(0)
     names = ["Atelectasis", "Cardiomegaly", "Effusion", "Pneumothorax"]
     labels = rng.integers(0, 2, (200, 4))
     probs = rng.random((200, 4)) + np.array([0.2, 0.5, 0.8, 1.2]) * labels
-    path = plots.plot_roc_curves(cls.roc_curves(labels, probs, names), artifacts_dir / "roc.png",
-                                 title="Per-class ROC (test set)")
+    curves = cls.roc_curves(labels, probs, names)
+    path = plots.plot_roc_curves(curves, artifacts_dir / "roc.png", title="Per-class ROC (test set)")
     _check_png(path)
+    # The figure shows each class's ROC as computed: false positive rate across, true positive rate up.
+    (ax,) = drawn_figures[-1].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"chance (AUC 0.500)"} | {f"{n} (AUC {curves[n].auc:.3f})" for n in names}
+    for name in names:
+        line = lines[f"{name} (AUC {curves[name].auc:.3f})"]
+        np.testing.assert_array_equal(line.get_xdata(), curves[name].fpr)
+        np.testing.assert_array_equal(line.get_ydata(), curves[name].tpr)
+        assert curves[name].auc == pytest.approx(np.trapezoid(curves[name].tpr, curves[name].fpr))
+    assert ax.get_xlim() == (0, 1) and ax.get_ylim()[0] == 0
     with pytest.raises(ValueError, match="at least one curve"):
         plots.plot_roc_curves({}, artifacts_dir / "empty.png")
 
 
-def test_confusion_matrix(artifacts_dir):
+def test_confusion_matrix(artifacts_dir, drawn_figures):
     _check_png(plots.plot_confusion_matrix(np.array([[50, 7], [3, 40]]), ["no finding", "effusion"],
                                            artifacts_dir / "confusion.png", title="Effusion @ Youden threshold"))
+    ax = drawn_figures[-1].axes[0]
+    np.testing.assert_allclose(ax.get_images()[0].get_array(), [[50 / 57, 7 / 57], [3 / 43, 40 / 43]])
+    assert [t.get_text() for t in ax.texts] == ["50\n(87.7%)", "7\n(12.3%)", "3\n(7.0%)", "40\n(93.0%)"]
     with pytest.raises(ValueError, match="square"):
         plots.plot_confusion_matrix(np.zeros((2, 3)), ["a", "b"], artifacts_dir / "bad.png")
 
 
-def test_auc_with_ci(artifacts_dir):
+def test_auc_with_ci(artifacts_dir, drawn_figures):
     arms = {"real only": (0.81, 0.78, 0.84), "real + oversampled": (0.82, 0.79, 0.85),
             "real + synthetic": cls.BootstrapCI(0.85, 0.82, 0.88, None)}
     _check_png(plots.plot_auc_with_ci(arms, artifacts_dir / "auc_ci.png", title="Effusion AUC, 95% CI"))
+    ax = drawn_figures[-1].axes[0]
+    rows = {label.get_text(): y for label, y in zip(ax.get_yticklabels(), ax.get_yticks())}
+    points = dict(zip(ax.get_lines()[0].get_ydata(), ax.get_lines()[0].get_xdata()))
+    assert {name: points[rows[name]] for name in arms} == pytest.approx({n: v[0] for n, v in arms.items()})
+    assert [t.get_text() for t in ax.texts] == ["0.810 [0.780, 0.840]", "0.820 [0.790, 0.850]",
+                                                "0.850 [0.820, 0.880]"]
     with pytest.raises(ValueError, match="lower <= auc <= upper"):
         plots.plot_auc_with_ci({"bad": (0.9, 0.95, 0.99)}, artifacts_dir / "bad.png")
 
@@ -93,6 +126,21 @@ def test_image_grid_from_float_uint8_and_nhwc(artifacts_dir):
     _check_png(plots.image_grid(images * 2 - 1, artifacts_dir / "grid_signed.png", nrow=4))
     with pytest.raises(ValueError, match="titles"):
         plots.image_grid(images, artifacts_dir / "bad.png", nrow=5, titles=["one"])
+
+
+@pytest.mark.parametrize("kind", ["float [0, 1]", "float [-1, 1]", "uint8", "uint8 NHWC"])
+def test_image_grid_maps_each_value_range_onto_black_to_white(artifacts_dir, kind):
+    """Three bands at the low end, middle and high end of the image's range: black, mid-grey, white."""
+    bands = np.repeat(np.array([0.0, 0.5, 1.0]), 16)[None, :].repeat(48, axis=0)[None]   # (1, 48, 48)
+    images = {"float [0, 1]": bands, "float [-1, 1]": 2 * bands - 1,
+              "uint8": np.round(bands * 255).astype(np.uint8),
+              "uint8 NHWC": np.round(bands * 255).astype(np.uint8)[..., None]}[kind]
+    grey = _grey_levels(plots.image_grid(images, artifacts_dir / f"bands_{kind.replace(' ', '_')}.png", nrow=1))
+    # Each band covers about a third of the drawn image; the figure's border is white.
+    band = grey.size * 0.15
+    assert (grey <= 10).sum() > band, kind
+    assert (np.abs(grey.astype(int) - 128) <= 10).sum() > band, kind
+    assert (grey >= 245).sum() > band, kind
 
 
 def test_nn_pairs(artifacts_dir):

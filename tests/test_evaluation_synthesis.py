@@ -215,3 +215,92 @@ def test_ms_ssim_diversity_orders_collapsed_and_diverse_sets():
     assert 0 <= low < 0.1 and high > low + 0.2
     with pytest.raises(ValueError, match="N >= 2"):
         syn.ms_ssim_diversity(base[None], num_pairs=3)
+
+
+# ---- values against independent computations --------------------------------------------------------------
+def test_frechet_distance_with_correlated_features_matches_an_eigenvalue_computation():
+    # tr((Σa Σb)^½) = Σ √λ over the eigenvalues λ of Σa Σb (real and positive for SPD Σa, Σb): no matrix
+    # square root involved, unlike the implementation.
+    rng = np.random.default_rng(10)
+    d = 6
+    mixing_a, mixing_b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    cov_a, cov_b = mixing_a @ mixing_a.T + 0.5 * np.eye(d), mixing_b @ mixing_b.T + 0.5 * np.eye(d)
+    mu_a, mu_b = rng.normal(size=d), rng.normal(size=d)
+
+    def by_eigenvalues(mu_a, cov_a, mu_b, cov_b):
+        root_trace = np.sum(np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real))
+        return np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * root_trace
+
+    assert syn.frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b) == pytest.approx(
+        by_eigenvalues(mu_a, cov_a, mu_b, cov_b), rel=1e-9)
+    # From samples: the Gaussians fitted with the unbiased sample covariance.
+    a = rng.normal(size=(300, d)) @ mixing_a.T + mu_a
+    b = rng.normal(size=(200, d)) @ mixing_b.T + mu_b
+    want = by_eigenvalues(a.mean(0), np.cov(a.T), b.mean(0), np.cov(b.T))
+    assert syn.frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+    assert want > 1.0   # far from the diagonal case: the off-diagonal terms matter
+
+
+_REFERENCE_RADIUS, _REFERENCE_SIGMA = 5, 1.5   # Wang et al. (2004): 11-tap Gaussian window, σ = 1.5
+
+
+def _reference_blur(image: np.ndarray) -> np.ndarray:
+    """Separable Gaussian window with mirrored borders (…c b a | a b c…), written out with np.convolve."""
+    x = np.arange(-_REFERENCE_RADIUS, _REFERENCE_RADIUS + 1)
+    taps = np.exp(-x ** 2 / (2 * _REFERENCE_SIGMA ** 2))
+    taps /= taps.sum()
+    padded = np.pad(image, _REFERENCE_RADIUS, mode="symmetric")
+    rows = np.stack([np.convolve(row, taps, mode="valid") for row in padded])
+    return np.stack([np.convolve(column, taps, mode="valid") for column in rows.T]).T
+
+
+def _reference_ssim_terms(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean SSIM map, mean contrast-structure map) from the formula, data range 1."""
+    c1, c2 = (0.01 * 1.0) ** 2, (0.03 * 1.0) ** 2
+    mu_a, mu_b = _reference_blur(a), _reference_blur(b)
+    var_a = _reference_blur(a * a) - mu_a ** 2
+    var_b = _reference_blur(b * b) - mu_b ** 2
+    cov = _reference_blur(a * b) - mu_a * mu_b
+    cs = (2 * cov + c2) / (var_a + var_b + c2)
+    luminance = (2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1)
+    return float(np.mean(luminance * cs)), float(np.mean(cs))
+
+
+def _reference_ms_ssim(a: np.ndarray, b: np.ndarray, scales: int) -> float:
+    """Wang, Simoncelli & Bovik (2003): Π_{j<S} cs_j^{w_j} · ssim_S^{w_S}, 2x2 averages between scales."""
+    weights = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333])[:scales]
+    weights = weights / weights.sum()
+    value = 1.0
+    for j in range(scales):
+        ssim_mean, cs_mean = _reference_ssim_terms(a, b)
+        value *= (ssim_mean if j == scales - 1 else cs_mean) ** weights[j]
+        a = 0.25 * (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2])
+        b = 0.25 * (b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2])
+    return value
+
+
+def _structured_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two deterministic images with edges and texture at several scales (no random numbers)."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    disc = (x - 0.5) ** 2 + (y - 0.45) ** 2 < 0.06
+    a = 0.5 + 0.3 * np.sin(2 * np.pi * 3 * x) * np.cos(2 * np.pi * 2 * y) + 0.15 * disc
+    b = 0.45 + 0.35 * np.sin(2 * np.pi * 3 * x + 0.4) * np.cos(2 * np.pi * 2 * y) + 0.1 * (np.abs(x - 0.3) < 0.1)
+    b += 0.05 * np.sin(2 * np.pi * 11 * x) * np.sin(2 * np.pi * 7 * y)
+    return np.clip(a, 0, 1), np.clip(b, 0, 1)
+
+
+# The mean of scikit-image 0.26's full SSIM map for `_structured_pair(64)`:
+# structural_similarity(a, b, data_range=1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+# full=True)[1].mean() (its own mean crops the borders; ours keeps every pixel).
+SKIMAGE_SSIM_MAP_MEAN_64 = 0.7949142346863312
+
+
+def test_ssim_and_ms_ssim_equal_the_formula_on_structured_images():
+    for size, scales in ((64, 3), (256, 5), (40, 2)):
+        a, b = _structured_pair(size)
+        ssim_mean, _ = _reference_ssim_terms(a, b)
+        assert 0.1 < ssim_mean < 0.9   # a pair that is neither alike nor unrelated
+        assert syn.num_ms_ssim_scales(size, size) == scales
+        assert syn.ssim(a, b) == pytest.approx(ssim_mean, rel=1e-10), size
+        assert syn.ms_ssim(a, b) == pytest.approx(_reference_ms_ssim(a, b, scales), rel=1e-10), size
+    assert syn.ssim(*_structured_pair(64)) == pytest.approx(SKIMAGE_SSIM_MAP_MEAN_64, rel=1e-9)

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, require
 from xray_dit import checkpoint, main, metric_writer, sharding
 
 
@@ -26,13 +26,30 @@ def run_main(*args, timeout=120):
 # ---- configs and the entry point ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["quickstart", "dit_base", "vae", "classifier", "study"])
 def test_every_config_loads_and_documents_its_command(name):
-    path = REPO_ROOT / "configs" / f"{name}.py"
-    if not path.exists():
-        pytest.skip(f"{path.name} is added with its task")
+    path = require(REPO_ROOT / "configs" / f"{name}.py", f"config {name}.py")
     module = main.config_flags.config_flags._LoadConfigModule(name, str(path))
     config = module.get_config()
     assert config.task in main.TASKS
     assert "python -m xray_dit.main" in module.__doc__ and "Expected" in module.__doc__
+
+
+def test_missing_reference_material_skips_locally_and_fails_under_ci(tmp_path, monkeypatch):
+    def outcome(path):   # a skip must not escape: it would skip this test instead of failing it
+        try:
+            return require(path, "golden tensors")
+        except (pytest.skip.Exception, pytest.fail.Exception) as stop:
+            return type(stop), str(stop)
+
+    missing = tmp_path / "golden"
+    monkeypatch.delenv("CI", raising=False)
+    kind, message = outcome(missing)
+    assert kind is pytest.skip.Exception and f"golden tensors not found at {missing}" in message
+    for value in ("true", "1"):
+        monkeypatch.setenv("CI", value)
+        kind, message = outcome(missing)
+        assert kind is pytest.fail.Exception and f"golden tensors not found at {missing}" in message, value
+    missing.mkdir()
+    assert outcome(missing) == missing
 
 
 def test_dit_base_is_the_study_run():

@@ -22,6 +22,7 @@ from xray_dit.models import resnet as resnet_lib
 from xray_dit.models import vae as vae_lib
 from xray_dit.models import weights
 from xray_dit.models.convert import dit_torch, resnet_torchvision, vae_diffusers
+from xray_dit.models.weights import WeightImportError
 from xray_dit.tools import import_weights
 
 
@@ -83,7 +84,7 @@ def test_vae_weights_given_as_dit_are_refused(tmp_path):
     vae = vae_lib.make_vae(dict(in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1))
     state_dict = vae_diffusers.to_state_dict(_random_like(factory.abstract_params(vae)), vae)
     save_file(state_dict, str(tmp_path / "vae.safetensors"))
-    with pytest.raises(Exception, match="encoder"):
+    with pytest.raises(WeightImportError, match="encoder"):
         import_weights.import_weights("dit", str(tmp_path / "vae.safetensors"), str(tmp_path / "out"),
                                       model_name="DiT-S/2", image_size=64, num_classes=0)
 

@@ -7,9 +7,12 @@ receive and what each classifier run mixes in. The scarcity runner's fraction lo
 
 import collections
 import inspect
+import json
+import pathlib
 
 import numpy as np
 import pytest
+from sklearn.metrics import confusion_matrix
 
 from tests.helpers import tiny_configs
 from xray_dit.data import phantom
@@ -26,6 +29,8 @@ MICRO_NAME = "64_micro"
 # Enough Cardiomegaly that every split holds some (validation thresholds and held-out distances need them).
 MICRO_SPEC = phantom.PhantomSpec(cardiomegaly_prevalence=0.25, label_noise=0.0)
 TEST_READERS = {"evaluate_on_test", "privacy_and_quality"}   # the only code allowed to read the test split
+BASELINE = "real only"
+ALPHA = 0.05   # the study's significance level, as its statements print it
 
 
 def micro_config(data_dir):
@@ -425,3 +430,30 @@ def test_study_configs_plan_the_design_they_promise(name, kinds, num_arms, fract
     assert config.classifier.select_metric == f"auc/{config.data.target_class}"
     if name != "quickstart":
         assert set(config.study.generators) == set(training.GENERATOR_VARIANTS)
+
+
+def _runs_by_arm(results: dict) -> dict:
+    return {"real only": results["01_baseline"]["runs"],
+            **{arm: entry["runs"] for arm, entry in results["06_retrain"]["arms"].items()}}
+
+
+def test_each_classifier_run_took_its_thresholds_from_its_validation_predictions(study):
+    names = list(study["config"].data.labels)
+    checked = 0
+    for arm, runs in _runs_by_arm(study["results"]).items():
+        for seed, run in runs.items():
+            workdir = pathlib.Path(run["workdir"])
+            results = json.loads((workdir / "results.json").read_text())
+            val = classification.read_predictions(workdir / "predictions_validation.csv")
+            test = classification.read_predictions(workdir / "predictions_test.csv")
+            for name, threshold in results["thresholds_from_validation"].items():
+                c = names.index(name)
+                known = val["mask"][:, c]
+                # The run chose it from unrounded probabilities; the file holds them rounded.
+                want = classification.youden_threshold(val["labels"][known, c], val["probs"][known, c])
+                assert threshold == pytest.approx(want, abs=1e-6), (arm, seed, name)
+                known = test["mask"][:, c]
+                assert results["test_confusion"][name] == confusion_matrix(
+                    test["labels"][known, c], (test["probs"][known, c] >= want).astype(int), labels=[0, 1]).tolist()
+                checked += 1
+    assert checked, "no run had a class with both outcomes in validation: the micro data changed"

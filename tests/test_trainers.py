@@ -16,13 +16,14 @@ import numpy as np
 import optax
 import pytest
 from PIL import Image
+from sklearn.metrics import confusion_matrix
 
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_configs
 from xray_dit import checkpoint, generate, sharding
 from xray_dit.data import phantom, pipeline, prepared
 from xray_dit.diffusion import schedules
-from xray_dit.evaluation import classification
+from xray_dit.evaluation import classification, ctr_oracle, plots
 from xray_dit.models import dit as dit_lib
 from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import factory
@@ -176,6 +177,45 @@ def test_layer_decay_multipliers_by_layer():
 # --------------------------------------------------------------------------------------------------
 # Each model's training loss goes down on one fixed batch (the loss functions the trainers use)
 # --------------------------------------------------------------------------------------------------
+def test_to_uint8_maps_minus_one_to_black_and_one_to_white():
+    images = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, -3.0, 2.0], np.float32).reshape(1, 1, 7, 1)
+    assert plots.to_uint8(images).tolist() == [[[0, 64, 128, 191, 255, 0, 255]]]
+    assert plots.to_uint8(images[..., 0]).dtype == np.uint8
+
+
+def test_psnr_is_ten_log_of_range_squared_over_mse_per_image():
+    images = _phantom_batch(4, 64)[..., 0]
+    np.testing.assert_allclose(vae.psnr(images, images + 0.1), 10 * np.log10(4.0 / 0.01), rtol=1e-6)
+    blank = vae.psnr(images, np.zeros_like(images))
+    np.testing.assert_allclose(blank, 10 * np.log10(4.0 / np.mean(images.astype(np.float64) ** 2, axis=(1, 2))))
+    assert blank.shape == (4,) and np.all(blank < 15.0)
+    assert np.all(vae.psnr(images, images) > 100.0)
+    half = images.copy()
+    half[:2] = images[:2] + 0.2                      # only the first two are off
+    assert vae.psnr(images, half)[:2] == pytest.approx([10 * np.log10(100.0)] * 2, rel=1e-5)
+
+
+def test_ctr_preservation_counts_lost_hearts_as_not_preserved():
+    cohort = phantom.make_cohort(6, seed=3, spec=tiny_configs.EASY_SPEC)   # normal and enlarged hearts
+    images = np.stack([phantom.render(image, 64) for image in cohort]).astype(np.float32) / 127.5 - 1.0
+    measured = np.array([ctr_oracle.measure_ctr(image) for image in images])
+    assert np.all(np.isfinite(measured))
+    assert vae.ctr_preservation(images, images) == {"ctr_within_0.03": 1.0, "ctr_mean_abs_diff": 0.0}
+    # Another patient's image as the "reconstruction": the oracle's CTRs decide, pair by pair.
+    swapped = images[::-1]
+    differences = np.abs(measured - measured[::-1])
+    got = vae.ctr_preservation(images, swapped)
+    assert got["ctr_within_0.03"] == pytest.approx(np.mean(differences <= 0.03))
+    assert got["ctr_mean_abs_diff"] == pytest.approx(differences.mean())
+    assert 0.0 < got["ctr_within_0.03"] < 1.0
+    # A reconstruction without a measurable thorax keeps no CTR: it counts against, never drops out.
+    assert vae.ctr_preservation(images, np.zeros_like(images))["ctr_within_0.03"] == 0.0
+    half_blank = images.copy()
+    half_blank[3:] = 0.0
+    assert vae.ctr_preservation(images, half_blank)["ctr_within_0.03"] == pytest.approx(0.5)
+    assert vae.ctr_preservation(images, half_blank)["ctr_mean_abs_diff"] == pytest.approx(0.0)
+
+
 def _fit(loss_of_params, params, *, steps: int, lr: float) -> tuple[float, float]:
     tx = optax.adam(lr)
 
@@ -302,6 +342,20 @@ def test_classifier_end_to_end_writes_test_artefacts(phantom_data_dir, tmp_path,
 
     assert _png(tmp_path / "roc_test.png").ndim == 3
     assert results["test_confusion"], "no class had both outcomes in validation: the fixture data changed"
+    # Each confusion matrix is the test split at Youden's threshold on the *validation* predictions.
+    val = classifier.read_predictions(tmp_path / "predictions_validation.csv")
+    test = classifier.read_predictions(tmp_path / "predictions_test.csv")
+    assert set(results["thresholds_from_validation"]) == set(results["test_confusion"])
+    for name, threshold in results["thresholds_from_validation"].items():
+        c = names.index(name)
+        known = val["mask"][:, c]
+        # The run chose it from unrounded probabilities; the file holds them to 6 decimals.
+        want = classification.youden_threshold(val["labels"][known, c], val["probs"][known, c])
+        assert threshold == pytest.approx(want, abs=1e-6), name
+        known = test["mask"][:, c]
+        predicted = (test["probs"][known, c] >= want).astype(int)
+        assert results["test_confusion"][name] == confusion_matrix(test["labels"][known, c], predicted,
+                                                                   labels=[0, 1]).tolist(), name
     for name, matrix in results["test_confusion"].items():
         assert _png(tmp_path / f"confusion_{name}.png").ndim == 3
         assert np.sum(matrix) == np.sum(classification.read_predictions(tmp_path / "predictions_test.csv")["mask"][

@@ -5,12 +5,12 @@
 
 import os
 import sys
+import time
 
 import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 
@@ -86,6 +86,14 @@ def toy_batchnorm_task(config, data=None):
                           init_model_state=lambda r: {"batch_stats": init(r)["batch_stats"]})
 
 
+def _wait_for(path, timeout_s=120.0):
+    deadline = time.monotonic() + timeout_s
+    while not os.path.isdir(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s:.0f}s")
+        time.sleep(0.05)
+
+
 def main():
     workdir, steps = sys.argv[1], int(sys.argv[2])
     kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
@@ -94,9 +102,13 @@ def main():
     task = toy_task(config)
     if kill_at is not None:
         config.dit.train.eval_every = 1
+        every = int(config.dit.train.checkpoint_every)
 
         def die_at(state, step, writer):  # runs after update `step`, before that step's checkpoint
             if step == kill_at:
+                # The last scheduled checkpoint is written in the background: the kill waits for its
+                # commit (Orbax's rename to the bare step number), so the step a rerun resumes from is known.
+                _wait_for(os.path.join(workdir, "checkpoints", str(step // every * every)))
                 os.kill(os.getpid(), 9)  # SIGKILL: no handler, no cleanup
             return {}
         task.evaluate = die_at
@@ -107,6 +119,7 @@ def main():
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from absl import flags
+    from absl import flags, logging
     flags.FLAGS.mark_as_parsed()
+    logging.set_verbosity(logging.INFO)   # the loop's "resumed from step N" is an INFO line
     main()

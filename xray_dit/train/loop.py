@@ -230,7 +230,12 @@ def init_state(task: TrainTask, tx: optax.GradientTransformation, root_rng: jax.
         params = jax.device_put(task.initial_params, param_shardings)
     else:
         params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)), out_shardings=param_shardings)(init_rng)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params),
+    # The optimiser's parameter-shaped moments are split like the parameters: zeros made inside jit
+    # carry no sharding of their own, so without out_shardings every device would hold them whole.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
              "step": jnp.asarray(0, jnp.int32), "rng": state_rng}
     if use_ema:
         state["ema_params"] = jax.tree.map(jnp.copy, params)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from xray_dit.evaluation import classification, statistics
-from xray_dit.study import analysis, analysis_plan, contrasts
+from xray_dit.study import analysis, analysis_plan, arms, contrasts, training
 from xray_dit.study.context import StudyContext
 
 LABELS = ("Cardiomegaly", "Effusion")
@@ -103,9 +103,9 @@ def test_primary_contrast_pools_the_generator_seeds_against_oversampled_at_the_p
     assert primary["control"] == "real + 8 oversampled real"
     assert primary["arms"] == ["real + 8 synthetic (target_only_seed0)", "real + 8 synthetic (target_only_seed1)"]
     # The same numbers as the bootstrap on the hand-picked rows: synthetic (2 generators x 2 seeds) − oversampled.
-    arms = context.results["06_retrain"]["arms"]
+    retrained = context.results["06_retrain"]["arms"]
     tests = contrasts.target_test_set(contrasts.read_runs(context.results["01_baseline"]["runs"], "test")[1], 0)
-    rows = {a: contrasts.arm_rows(arms[a]["runs"], tests, 0) for a in (*primary["arms"], primary["control"])}
+    rows = {a: contrasts.arm_rows(retrained[a]["runs"], tests, 0) for a in (*primary["arms"], primary["control"])}
     expected = statistics.two_level_bootstrap_difference(
         tests.labels, rows[primary["control"]].test, np.concatenate([rows[a].test for a in primary["arms"]]),
         tests.patients, seeds_a={"seed": ["0", "1"]},
@@ -201,6 +201,33 @@ def test_arms_without_the_new_keys_take_the_configured_primary_dose(tmp_path, mo
     assert (primary["name"], primary["control"]) == ("real + 8 synthetic", "real + 8 oversampled real")
     assert [e["name"] for e in out["family"]] == list(retrained)
     assert out["figures"]["dose_response"] is None and len(out["statements"]) == 2
+
+
+def test_the_arm_plan_groups_into_one_comparison_per_kind_dose_and_generator_variant():
+    """06_retrain's arms as `arms.plan_arms` names them: generator seeds of one variant pool, variants do not."""
+    study = ml_collections.ConfigDict(dict(arms=arms.ARM_KINDS, swept_arms=("synthetic", "oversampled"),
+                                           synthetic_counts=(4, 8), primary_count=8, roundtrip_prob=0.5))
+    generators = [{"name": "target_only_seed0", "seed": 0}, {"name": "target_only_seed1", "seed": 1},
+                  {"name": "class_conditional_seed0", "seed": 0}]
+    plan = arms.plan_arms(study, accepted_count={g["name"]: 100 for g in generators}, have_phantom=True,
+                          generators=generators)
+    retrained = {arm["name"]: {k: arm[k] for k in training._ARM_FIELDS} for arm in plan}
+    variants = {"target_only_seed0": "target_only", "target_only_seed1": "target_only",
+                "class_conditional_seed0": "class_conditional"}
+    groups = contrasts.group_arms(retrained, variants, primary_count=0)
+    assert [(g.name, g.primary) for g in groups] == [
+        ("real + 4 synthetic (target_only, 2 generator seeds)", False),
+        ("real + 4 synthetic (class_conditional_seed0)", False),
+        ("real + 8 synthetic (target_only, 2 generator seeds)", True),
+        ("real + 8 synthetic (class_conditional_seed0)", True),
+        ("real + 4 oversampled real", False), ("real + 8 oversampled real", True),
+        ("real + 8 phantom positives", True), ("real + 8 VAE round-trip real", True),
+        ("real + 8 synthetic (target_only, 2 generator seeds), real round-tripped p=0.5", True),
+        ("real + 8 synthetic (class_conditional_seed0), real round-tripped p=0.5", True)]
+    assert groups[2].arms == ("real + 8 synthetic (target_only_seed0)", "real + 8 synthetic (target_only_seed1)")
+    assert groups[3].variant == "class_conditional"
+    # Without 04_generate's entries the variant is the generator's name without its seed.
+    assert [g.name for g in contrasts.group_arms(retrained, {}, 0)] == [g.name for g in groups]
 
 
 def test_a_missing_control_is_named_instead_of_a_primary_contrast():

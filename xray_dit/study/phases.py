@@ -6,9 +6,9 @@
     04_generate  N minority-class images per generator variant × generator seed
     05_filter    label fidelity, realism, privacy, duplicates → accepted set per generator; the oversampling set
     06_retrain   the classifier per arm (arms.plan_arms: synthetic, oversampled real, controls) × K seeds
-    07_compare   AUCs with patient-bootstrap CIs, DeLong tests, mean ± sd over seeds
+    07_compare   the pre-specified plan; synthetic − oversampled at the primary dose; every arm vs real only (Holm)
     08_privacy   nearest-neighbour distances, memorisation, membership inference, synthesis quality
-    09_report    report.md + report.html
+    09_report    report.md + report.html, in the analysis plan's order
 
 Scarcity: with several `study.target_fractions`, phases 01-08 run once per fraction as a complete sub-study
 in `<workdir>/fraction_<f>/` (`data.target_fraction=f`: every reader of the train split, the DiT's latent

@@ -184,7 +184,7 @@ def write_controls(context: StudyContext, plan: list[dict]) -> dict[str, str]:
 def _vae_roundtrip(context: StudyContext) -> Callable:
     # One local device: only process 0 writes the controls, so no other process may be needed to run it.
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.local_devices()[:1])
-    model, params, _ = dit_trainer.load_vae(context.results["02_vae"]["export"], context.config, mesh=mesh)
+    model, params, _ = generation.load_vae(context.results["02_vae"]["export"], context.config, mesh=mesh)
     return arms_lib.vae_roundtrip_fn(model, params)
 
 

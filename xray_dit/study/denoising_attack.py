@@ -16,12 +16,12 @@ import numpy as np
 from etils import epath
 
 from xray_dit import checkpoint
+from xray_dit import generate as generation
 from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.diffusion import schedules
 from xray_dit.evaluation import membership
+from xray_dit.models import factory
 from xray_dit.study import probe
-from xray_dit.train import dit as dit_trainer
-from xray_dit.train import sample as sample_task
 
 ENCODE_BATCH = 64
 
@@ -42,8 +42,10 @@ def attack(config, mesh, dit_dir: str, members: probe.ImageSet, nonmembers: prob
     """Denoising-loss membership AUC of one DiT export with its patient-level CI and p-value."""
     start = time.perf_counter()
     study = config.study
-    model, params, info = sample_task.load_dit(dit_dir, config, mesh=mesh)
-    vae, vae_params, _ = dit_trainer.load_vae(info["vae_dir"], config, mesh=mesh)
+    model, params, info = factory.load_export(dit_dir, mesh, rules=config.mesh.rules, kind="dit",
+                                              dtype=factory.dtype_from_name(config.compute_dtype),
+                                              attention_impl=factory.attention_impl(config))
+    vae, vae_params, _ = generation.load_vae(info["vae_dir"], config, mesh=mesh)
     scale = float(info["scaling_factor"])
     schedule = schedules.make_schedule(info["noise_schedule"], int(info["diffusion_steps"]))
     timesteps = [int(t) for t in study.mia_timesteps if 0 <= int(t) < schedule.num_steps]

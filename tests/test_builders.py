@@ -482,7 +482,7 @@ def test_target_fraction_ignores_row_order_and_refuses_bad_arguments():
         assert set(shuffled.patient_id[splits.target_fraction_patients(shuffled, "Cardiomegaly", 0.5, seed)]) == kept
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         splits.target_fraction_patients(table, "Cardiomegaly", 1.5, 0)
-    with pytest.raises(ValueError, match="unknown label"):
+    with pytest.raises(DataError, match="unknown label"):
         splits.target_fraction_patients(table, "Nodule", 0.5, 0)
 
 

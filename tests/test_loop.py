@@ -48,7 +48,7 @@ def _recording_evaluations(task) -> list[int]:
     """Makes `task` note the step of every evaluation the loop runs (one after every trained step when
     eval_every is 1, and one at the end, also when the run had nothing left to train)."""
     steps = []
-    task.evaluate = lambda state, step: steps.append(step) or {}
+    task.evaluate = lambda state, step, writer: steps.append(step) or {}
     return steps
 
 

@@ -300,7 +300,7 @@ def test_a_split_file_that_leaks_a_patient_or_names_unknown_images_is_refused(da
         pipeline.metadata_table(data_config(data_dir, split_file=str(unknown)), "fold_a")
     bad_header = tmp_path / "bad.csv"
     bad_header.write_text("image,fold\nx,a\n")
-    with pytest.raises(ValueError, match="header must be image_id,split"):
+    with pytest.raises(DataError, match="header must be image_id,split"):
         split_rows.read_split_file(bad_header)
 
 
@@ -463,9 +463,9 @@ def test_scarcity_and_roundtrip_errors(data_dir, tmp_path):
     config = data_config(data_dir, roundtrip_dir=str(tmp_path / "store"), roundtrip_prob=0.5)
     with pytest.raises(ValueError, match="lacks 1 of the"):
         pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16)
-    with pytest.raises(ValueError, match="needs data.roundtrip_dir"):
+    with pytest.raises(DataError, match="needs data.roundtrip_dir"):
         pipeline.DataConfig.from_config(data_config(data_dir, roundtrip_prob=0.5))
-    with pytest.raises(ValueError, match="needs data.target_class"):
+    with pytest.raises(DataError, match="needs data.target_class"):
         pipeline.DataConfig.from_config(data_config(data_dir, target_class="", target_fraction=0.5))
-    with pytest.raises(ValueError, match="target_fraction=1.5 must lie in"):
+    with pytest.raises(DataError, match="target_fraction=1.5 must lie in"):
         pipeline.metadata_table(data_config(data_dir, target_fraction=1.5), "train")

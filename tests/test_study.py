@@ -254,7 +254,7 @@ def test_privacy_thresholds_are_class_matched_and_reported_with_counts(study):
 def test_accepted_flags_are_the_recomputed_comparisons_of_per_sample_scores(study):
     filt = study["results"]["05_filter"]
     th = filt["thresholds"]
-    assert list(filt["generators"]) == ["generator_0"]
+    assert list(filt["generators"]) == ["target_only_seed0", "target_only_seed1"]
     for name, gen in filt["generators"].items():
         scores = json.loads(open(gen["per_sample"]).read())
         arr = {k: np.asarray(v) for k, v in scores.items()}
@@ -292,9 +292,10 @@ def test_no_test_image_is_used_for_filtering_thresholds_or_selection(study):
 def test_privacy_and_quality_numbers_are_in_range_with_their_intervals(study):
     priv, filt = study["results"]["08_privacy"], study["results"]["05_filter"]
     assert 0.0 <= priv["memorisation_rate"] <= 1.0
-    scores = json.loads(open(filt["generators"]["generator_0"]["per_sample"]).read())
-    flagged = np.asarray(scores["nn_pixel_distance"]) <= filt["thresholds"]["privacy_pixel"]
-    assert priv["memorisation"]["flagged"] == flagged.sum() <= filt["generators"]["generator_0"]["flagged_as_memorised"]
+    generators = filt["generators"].values()
+    distances = np.concatenate([json.loads(open(g["per_sample"]).read())["nn_pixel_distance"] for g in generators])
+    flagged = distances <= filt["thresholds"]["privacy_pixel"]
+    assert priv["memorisation"]["flagged"] == flagged.sum() <= sum(g["flagged_as_memorised"] for g in generators)
     controls = priv["privacy_controls"]
     assert controls["copies"] == study["config"].study.near_copies and controls["fresh"] == priv["real_minority_test"]
     for name in ("memorisation_detector", "privacy_filter"):
@@ -316,12 +317,12 @@ def test_privacy_and_quality_numbers_are_in_range_with_their_intervals(study):
     assert white_box["timesteps"] == list(study["config"].study.mia_timesteps) and white_box["noise_draws"] == 4
     quality = priv["quality"]
     assert quality["encoder"] == "baseline classifier of seed 1" and not quality["circular"]
-    assert quality["rows"]["all generated"]["available"] == 16
+    assert quality["rows"]["all generated"]["available"] == 32   # two generators of 16
     assert len({row["n"] for row in quality["rows"].values()}) == 1
     for name, d in priv["detectability"].items():
         assert 0.0 <= d["lower"] <= d["auc"] <= d["upper"] <= 1.0 and d["n_real"] == priv["non_members"]
     assert "all generated" in priv["detectability"]
-    assert "ctr_oracle" in priv and priv["ctr_oracle"]["generated"] == 16
+    assert "ctr_oracle" in priv and priv["ctr_oracle"]["generated"] == 32
     with np.load(study["workdir"] / "05_filter" / filters.CALIBRATION) as saved:
         assert priv["heldout_to_train_median"] == pytest.approx(float(np.median(saved["heldout_to_train_pixel"])))
 

@@ -343,8 +343,8 @@ def test_classifier_end_to_end_writes_test_artefacts(phantom_data_dir, tmp_path,
     assert _png(tmp_path / "roc_test.png").ndim == 3
     assert results["test_confusion"], "no class had both outcomes in validation: the fixture data changed"
     # Each confusion matrix is the test split at Youden's threshold on the *validation* predictions.
-    val = classifier.read_predictions(tmp_path / "predictions_validation.csv")
-    test = classifier.read_predictions(tmp_path / "predictions_test.csv")
+    val = classification.read_predictions(tmp_path / "predictions_validation.csv")
+    test = classification.read_predictions(tmp_path / "predictions_test.csv")
     assert set(results["thresholds_from_validation"]) == set(results["test_confusion"])
     for name, threshold in results["thresholds_from_validation"].items():
         c = names.index(name)
@@ -386,9 +386,9 @@ def test_classifier_end_to_end_writes_test_artefacts(phantom_data_dir, tmp_path,
     assert broken["pixel_logreg_16"]["test_auc"] != written["pixel_logreg_16"]["test_auc"]
 
 
-def test_resnet_classifier_trains_batch_statistics_evaluates_with_them_and_resumes_them(data_dir, tmp_path,
+def test_resnet_classifier_trains_batch_statistics_evaluates_with_them_and_resumes_them(phantom_data_dir, tmp_path,
                                                                                        monkeypatch):
-    config = tiny_configs.tiny_config(data_dir)
+    config = tiny_configs.tiny_config(phantom_data_dir)
     config.task = "train_classifier"
     config.classifier.model = "resnet_tiny"
     passes = []   # (split, variables, outputs) of every evaluation pass, copied before the loop donates them
@@ -416,7 +416,7 @@ def test_resnet_classifier_trains_batch_statistics_evaluates_with_them_and_resum
     runs = {"0": {"workdir": str(tmp_path)}}
     probe_model = probe.ClassifierProbe({"01_baseline": {"runs": runs}})
     images = np.concatenate([b["image"][b["valid"] > 0][..., 0] for b in eval_pass.eval_passes(
-        config, data_dir, "validation", 16)])
+        config, phantom_data_dir, "validation", 16)])
     probs, features = probe_model(images)
     np.testing.assert_allclose(probs, evaluated[2]["probs"], rtol=1e-4, atol=1e-6)
     assert features.shape == (len(images), 128)

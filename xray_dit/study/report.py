@@ -138,7 +138,7 @@ def _filters_section(report: Report, filt: dict, priv: dict, target: str) -> Non
 def _threshold_text(name: str, thresholds: dict, target: str) -> str:
     return {"label fidelity": f"p({target}) ≥ {thresholds['fidelity_probability']:.2f}",
             "realism": f"k-NN cosine distance ≤ {thresholds['realism_knn']:.4f}",
-            "privacy": f"pixel ≥ {thresholds['privacy_pixel']:.4f} and feature ≥ {thresholds['privacy_feature']:.4f}",
+            "privacy": f"pixel > {thresholds['privacy_pixel']:.4f} and feature > {thresholds['privacy_feature']:.4f}",
             "duplicates": f"pixel correlation ≤ {thresholds['duplicate_correlation']:.2f}"}[name]
 
 

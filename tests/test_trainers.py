@@ -391,6 +391,7 @@ def test_resnet_classifier_trains_batch_statistics_evaluates_with_them_and_resum
     config = tiny_configs.tiny_config(phantom_data_dir)
     config.task = "train_classifier"
     config.classifier.model = "resnet_tiny"
+    config.classifier.baselines = ()   # their passes over the splits carry no batch statistics
     passes = []   # (split, variables, outputs) of every evaluation pass, copied before the loop donates them
     original = eval_pass.run_over_split
 

@@ -31,10 +31,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from bench.data_pipeline import _machine
 from xray_dit.data import builders, pipeline, split_rows, splits
+from xray_dit.evaluation import classification
 from xray_dit.train import classifier
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -87,6 +89,18 @@ def fold_splits(image_ids: np.ndarray, patient_ids: np.ndarray, fold_of: np.ndar
     return split_of
 
 
+def ensemble_auc(prediction_files: list[pathlib.Path]) -> float:
+    """Test AUC of the mean probability over seeds' predictions (the same images, joined on image id)."""
+    runs = [classification.read_predictions(path) for path in prediction_files]
+    order = [np.argsort(run["image_id"]) for run in runs]
+    ids = [run["image_id"][o] for run, o in zip(runs, order)]
+    if any(not np.array_equal(ids[0], other) for other in ids[1:]):
+        raise ValueError(f"the seeds' predictions cover different images: {prediction_files}")
+    labels = runs[0]["labels"][order[0]][:, 0]
+    probs = np.mean([run["probs"][o][:, 0] for run, o in zip(runs, order)], axis=0)
+    return float(roc_auc_score(labels, probs))
+
+
 def mean_sd(values) -> tuple[float, float]:
     values = np.asarray(values, np.float64)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
@@ -103,6 +117,7 @@ class FoldResult:
     baseline_auc: dict[str, float]          # baseline name → test AUC
     seconds: list[float]                    # wall time of each seed's whole run (train + evaluation)
     cpu_seconds: list[float]                # CPU time (user + system, all threads) of each seed's run
+    ensemble_auc: float = float("nan")      # AUC of the seeds' mean probability (the study's seed ensemble)
 
     @property
     def best_baseline(self) -> float:
@@ -159,7 +174,9 @@ def cross_validate(base: ml_collections.ConfigDict, *, manual_dir: str, workdir:
             cpu_seconds.append(_cpu_seconds() - start_cpu)
             network.append(out["test_auc"][POSITIVE])
             baseline = {name: b["test_auc"][POSITIVE] for name, b in out["baselines"].items()}
-        results.append(FoldResult(fold, counts, network, baseline, seconds, cpu_seconds))
+        ensemble = ensemble_auc([workdir / "runs" / f"fold{fold}_seed{seed}" / "predictions_test.csv"
+                                 for seed in seeds])
+        results.append(FoldResult(fold, counts, network, baseline, seconds, cpu_seconds, ensemble))
         logging.info("fold %d: network %s, baselines %s", fold, network, baseline)
     return results
 
@@ -168,22 +185,33 @@ def cross_validate(base: ml_collections.ConfigDict, *, manual_dir: str, workdir:
 
 
 def table_markdown(results: list[FoldResult]) -> list[str]:
+    """One row per fold, then mean ± sd over folds. "network" is the mean single seed's AUC; "ensemble" the AUC
+    of the seeds' mean probability (as the study's seed-ensemble estimand), shown when a fold ran several seeds."""
     names = sorted({name for r in results for name in r.baseline_auc})
+    ensembles = any(len(r.network_auc) > 1 for r in results)
+    extra = " | seed ensemble AUC | ensemble − best LR" if ensembles else ""
     lines = ["| fold | train (pos) | val (pos) | test (pos) | network AUC | " + " | ".join(names)
-             + " | network − best LR | wall s per run | CPU s per run |",
-             "|---|---|---|---|---:|" + "---:|" * len(names) + "---:|---:|---:|"]
+             + f" | network − best LR{extra} | wall s per run | CPU s per run |",
+             "|---|---|---|---|---:|" + "---:|" * (len(names) + 1 + 2 * ensembles) + "---:|---:|"]
+
+    def columns(r: FoldResult) -> list[float]:
+        network = float(np.mean(r.network_auc))
+        cells = [network] + [r.baseline_auc.get(n, float("nan")) for n in names] + [network - r.best_baseline]
+        return cells + ([r.ensemble_auc, r.ensemble_auc - r.best_baseline] if ensembles else [])
+
+    def text(cells: list[str], r_seconds: float, r_cpu: float) -> str:
+        return " | ".join(cells) + f" | {r_seconds:.0f} | {r_cpu:.0f} |"
+
+    margin_columns = {1 + len(names)} | ({3 + len(names)} if ensembles else set())
     for r in results:
         counts = " | ".join(f"{n} ({p})" for n, p in (r.counts[s] for s in ("train", "validation", "test")))
-        network = np.mean(r.network_auc)
-        lines.append(f"| {r.fold} | {counts} | {network:.3f} | "
-                     + " | ".join(f"{r.baseline_auc.get(n, float('nan')):.3f}" for n in names)
-                     + f" | {network - r.best_baseline:+.3f} | {np.mean(r.seconds):.0f} | {np.mean(r.cpu_seconds):.0f} |")
-    cells = [mean_sd([np.mean(r.network_auc) for r in results])]
-    cells += [mean_sd([r.baseline_auc.get(n, float("nan")) for r in results]) for n in names]
-    cells += [mean_sd([np.mean(r.network_auc) - r.best_baseline for r in results])]
-    lines.append("| **mean ± sd** | | | | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in cells[:-1])
-                 + f" | {cells[-1][0]:+.3f} ± {cells[-1][1]:.3f} | {np.mean([np.mean(r.seconds) for r in results]):.0f}"
-                 + f" | {np.mean([np.mean(r.cpu_seconds) for r in results]):.0f} |")
+        cells = [f"{v:+.3f}" if i in margin_columns else f"{v:.3f}" for i, v in enumerate(columns(r))]
+        lines.append(f"| {r.fold} | {counts} | " + text(cells, np.mean(r.seconds), np.mean(r.cpu_seconds)))
+    stats = [mean_sd(column) for column in zip(*(columns(r) for r in results))]
+    cells = [f"{m:+.3f} ± {sd:.3f}" if i in margin_columns else f"{m:.3f} ± {sd:.3f}"
+             for i, (m, sd) in enumerate(stats)]
+    lines.append("| **mean ± sd** | | | | " + text(cells, np.mean([np.mean(r.seconds) for r in results]),
+                                                   np.mean([np.mean(r.cpu_seconds) for r in results])))
     return lines
 
 

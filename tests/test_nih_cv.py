@@ -7,6 +7,7 @@ import pytest
 from bench import nih_cv
 from tests.helpers import tiny_configs
 from xray_dit.data import split_rows, splits
+from xray_dit.evaluation import classification
 
 LABELS = ("Pneumonia", "Effusion", "No Finding")
 
@@ -51,11 +52,31 @@ def test_folds_are_patient_wise_stratified_and_cover_every_image_once():
 
 def test_table_reports_each_fold_the_mean_and_the_margin_over_the_better_baseline():
     results = [nih_cv.FoldResult(f, {"train": (10, 4), "validation": (3, 1), "test": (5, 2)}, [0.9, 0.8],
-                                 {"pixel_logreg_16": 0.8, "pixel_logreg_32": 0.82}, [10.0], [16.0]) for f in range(2)]
+                                 {"pixel_logreg_16": 0.8, "pixel_logreg_32": 0.82}, [10.0], [16.0], 0.86 + f / 100)
+               for f in range(2)]
     lines = nih_cv.table_markdown(results)
-    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
-    assert "| 0 | 10 (4) | 3 (1) | 5 (2) | 0.850 | 0.800 | 0.820 | +0.030 | 10 | 16 |" in lines
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[-1].count("|")
+    assert "| 0 | 10 (4) | 3 (1) | 5 (2) | 0.850 | 0.800 | 0.820 | +0.030 | 0.860 | +0.040 | 10 | 16 |" in lines
     assert lines[-1].startswith("| **mean ± sd** |") and "0.850 ± 0.000" in lines[-1] and "+0.030" in lines[-1]
+    assert "0.865 ± 0.007" in lines[-1] and "+0.045 ± 0.007" in lines[-1]
+    one_seed = [nih_cv.FoldResult(0, results[0].counts, [0.85], results[0].baseline_auc, [10.0], [16.0])]
+    assert "ensemble" not in nih_cv.table_markdown(one_seed)[0]
+
+
+def test_the_seed_ensemble_averages_probabilities_of_the_same_images(tmp_path):
+    labels = np.array([[0], [1], [0], [1]])
+    files = []
+    for seed, probs in enumerate(([0.1, 0.4, 0.5, 0.6], [0.3, 0.9, 0.2, 0.5])):
+        order = np.roll(np.arange(4), seed)   # each file lists the images in another order
+        files.append(tmp_path / f"seed{seed}.csv")
+        classification.write_predictions(files[-1], np.array([f"i{k}" for k in order]), np.array(["p"] * 4),
+                                         labels[order], np.array(probs)[order, None], ["Pneumonia"])
+    # mean probabilities 0.2, 0.65, 0.35, 0.55: every positive above every negative.
+    assert nih_cv.ensemble_auc(files) == 1.0
+    classification.write_predictions(files[1], np.array(["i0", "i1", "i2", "x"]), np.array(["p"] * 4), labels,
+                                     np.full((4, 1), 0.5), ["Pneumonia"])
+    with pytest.raises(ValueError, match="different images"):
+        nih_cv.ensemble_auc(files)
 
 
 @pytest.mark.slow

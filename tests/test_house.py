@@ -6,6 +6,10 @@ Read from the source with `ast` (nothing is imported), so a cycle hidden inside 
 import ast
 import pathlib
 
+import pytest
+
+from tests.conftest import require
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = "xray_dit"
 MAX_LINES = 450
@@ -134,3 +138,23 @@ def test_functions_fit_on_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long[f"{path.relative_to(ROOT)}:{node.name}"] = lines
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_missing_reference_material_skips_locally_and_fails_under_ci(tmp_path, monkeypatch):
+    def outcome(path):   # a skip must not escape: it would skip this test instead of failing it
+        try:
+            return require(path, "golden tensors")
+        except (pytest.skip.Exception, pytest.fail.Exception) as stop:
+            return type(stop), str(stop)
+
+    missing = tmp_path / "golden"
+    monkeypatch.delenv("CI", raising=False)
+    kind, message = outcome(missing)
+    assert kind is pytest.skip.Exception and f"golden tensors not found at {missing}" in message
+    for value in ("true", "1"):
+        monkeypatch.setenv("CI", value)
+        kind, message = outcome(missing)
+        assert kind is pytest.fail.Exception and f"golden tensors not found at {missing}" in message, value
+    missing.mkdir()
+    assert outcome(missing) == missing
+

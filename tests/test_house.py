@@ -14,9 +14,10 @@ from tests.conftest import require
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = "xray_dit"
 MAX_LINES = 450
-# Modules still over the limit, each awaiting a split in its own room; a module leaves this list once it
-# fits, and the test fails while a listed one already does (so the list only shrinks).
-MAX_FUNCTION_LINES = 90   # "fits on a screen", with a little slack for long signatures and docstrings
+MAX_FUNCTION_LINES = 80   # "fits on a screen", with a little slack for long signatures and docstrings
+# Functions allowed over that limit, each with why; the test fails while a listed one already fits, so the list
+# only shrinks.
+LONG_FUNCTIONS = {"xray_dit/train/loop.py:train": "the readable linear loop is the project's example"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -131,14 +132,18 @@ def test_modules_fit_in_a_read():
 
 
 def test_functions_fit_on_a_screen():
-    long = {}
+    long, sizes = {}, {}
     for path in _modules().values():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
-                if lines > MAX_FUNCTION_LINES:
-                    long[f"{path.relative_to(ROOT)}:{node.name}"] = lines
+                name = f"{path.relative_to(ROOT)}:{node.name}"
+                sizes[name] = lines
+                if lines > MAX_FUNCTION_LINES and name not in LONG_FUNCTIONS:
+                    long[name] = lines
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+    fitting = [name for name in LONG_FUNCTIONS if sizes.get(name, 0) <= MAX_FUNCTION_LINES]
+    assert not fitting, f"listed in LONG_FUNCTIONS but gone or within {MAX_FUNCTION_LINES} lines: {fitting}"
 
 
 def test_missing_reference_material_skips_locally_and_fails_under_ci(tmp_path, monkeypatch):

@@ -140,7 +140,8 @@ def test_figures_and_compare_json(compared):
 def test_arms_without_the_new_keys_take_the_configured_primary_dose(tmp_path, monkeypatch):
     """06 results that carry only name, kind, count and runs: primary when count == the primary dose."""
     retrained = {"real + 8 synthetic": write_arm(tmp_path, "syn", 3.0, 10, kind="synthetic", count=8, name="x"),
-                 "real + 8 oversampled real": write_arm(tmp_path, "over", 1.0, 20, kind="oversampled", count=8, name="y")}
+                 "real + 8 oversampled real": write_arm(tmp_path, "over", 1.0, 20, kind="oversampled", count=8,
+                                                        name="y")}
     context = study_context(tmp_path, retrained, synthetic_counts=(200,), primary_count=0, bootstrap_samples=100)
     monkeypatch.setattr(analysis, "_train_target_positives", lambda config: 7)
     out = analysis.compare(context)

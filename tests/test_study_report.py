@@ -17,7 +17,8 @@ ORDER = [*report_comparison.SECTIONS, "Baseline: the network and a pixel logisti
 def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     retrained = {"real + 8 synthetic": write_arm(root, "syn", 3.0, 10, kind="synthetic", count=8, primary=True),
-                 "real + 8 oversampled real": write_arm(root, "over", 1.0, 20, kind="oversampled", count=8, primary=True)}
+                 "real + 8 oversampled real": write_arm(root, "over", 1.0, 20, kind="oversampled", count=8,
+                                                        primary=True)}
     context = study_context(root, retrained, synthetic_counts=(8,), primary_count=8, bootstrap_samples=100)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(analysis, "_train_target_positives", lambda config: 40)

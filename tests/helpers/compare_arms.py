@@ -53,6 +53,7 @@ def write_arm(root, key: str, signal: float, seed_offset: int = 0, **fields) -> 
 
 def study_context(root, retrained: dict, **study) -> StudyContext:
     (root / "07_compare").mkdir(parents=True, exist_ok=True)
-    baseline = {"arm": "real only", "runs": {str(s): write_run(root / "baseline" / f"seed_{s}", 1.0, s) for s in (0, 1)}}
+    baseline = {"arm": "real only",
+                "runs": {str(s): write_run(root / "baseline" / f"seed_{s}", 1.0, s) for s in (0, 1)}}
     return StudyContext(config=study_config(**study), workdir=root, mesh=None,
                         results={"01_baseline": baseline, "06_retrain": {"arms": retrained}})

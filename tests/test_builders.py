@@ -1,15 +1,22 @@
-"""TFDS builders against fixtures in each dataset's real on-disk layout (written here) and the real NIH sample."""
+"""TFDS builders against fixtures in each dataset's real on-disk layout (written here) and the real NIH sample;
+radiographs in other pixel formats, unreadable files, hostile rows and label tables (builders/common.py and the
+dataset builders)."""
 
 import csv
 import io
+import logging
 import os
+import re
 import signal
 import subprocess
+import struct
 import sys
+import zlib
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from xray_dit.data import DataError, builders, phantom, splits
@@ -539,3 +546,159 @@ def test_chexpert_bad_label_cell_names_the_label_and_the_value(cell):
     row = {label: "" for label in chexpert.LABELS} | {"Edema": cell}
     with pytest.raises(ValueError, match=f"label 'Edema' has value '{cell}'; expected 1, 0, -1 or blank"):
         chexpert.encode_labels(row, chexpert.ChexpertConfig(name="x"))
+
+
+def _png_16bit(samples: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit colour): `samples` (H, W, channels) uint16."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _encoded(pixels: np.ndarray, mode: str, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_radiographs_in_other_pixel_formats_become_the_right_8bit_gray(tmp_path):
+    gray = np.array([[0, 40, 80], [120, 200, 255]], np.uint8)
+    # 16-bit gray using 12 bits (as DICOM exports do), read from a file: stretched over its own range.
+    deep = (gray.astype(np.uint16) * 4095 // 255) + 100
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    expected = np.round((deep - deep.min()) * 255.0 / (deep.max() - deep.min())).astype(np.uint8)
+    np.testing.assert_array_equal(common.decode_gray(str(tmp_path / "deep.png")), expected)
+    # Colour containers of a gray image: the gray values survive exactly; alpha is dropped, not blended.
+    rgba = np.dstack([gray, gray, gray, np.array([[0, 255, 90], [255, 0, 255]], np.uint8)])
+    la = np.dstack([gray, np.full_like(gray, 7)])
+    palette = Image.fromarray(gray, mode="L").convert("P")
+    for data in (_encoded(np.dstack([gray] * 3), "RGB"), _encoded(rgba, "RGBA"), _encoded(la, "LA")):
+        np.testing.assert_array_equal(common.decode_gray(data), gray)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG")
+    np.testing.assert_array_equal(common.decode_gray(buffer.getvalue()), gray)
+    # A JPEG saved under a .png name is still an image: read by its content, not its name.
+    (tmp_path / "actually_jpeg.png").write_bytes(_encoded(np.full((16, 16), 150, np.uint8), "L", "JPEG"))
+    assert abs(int(common.decode_gray(str(tmp_path / "actually_jpeg.png")).mean()) - 150) <= 1
+
+
+@pytest.mark.parametrize("colour_type, name", [(2, "RGB"), (4, "gray+alpha"), (6, "RGBA")])
+def test_16bit_colour_png_is_refused_instead_of_silently_darkened(colour_type, name):
+    channels = {2: 3, 4: 2, 6: 4}[colour_type]
+    samples = np.full((4, 4, channels), 4095, np.uint16)      # 12-bit white: Pillow alone would give 15 of 255
+    with pytest.raises(common.BadImageError, match=re.escape(f"16-bit {name} PNG") + ".*save it as 16-bit grayscale"):
+        common.decode_gray(_png_16bit(samples, colour_type))
+
+
+def test_unreadable_files_are_bad_images_and_a_missing_one_is_missing(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    jpeg, png = _encoded(noise, "L", "JPEG"), _encoded(noise, "L")
+    hostile = {"truncated.jpg": jpeg[: len(jpeg) // 2], "truncated.png": png[: len(png) // 2],
+               "html.png": b"<html><body>502 Bad Gateway</body></html>", "empty.png": b""}
+    convert = common.ConvertFile(16)
+    for name, data in hostile.items():
+        (tmp_path / name).write_bytes(data)
+        _, png, why = convert(common.ImageRow(key=name, path=str(tmp_path / name), example={}))
+        assert png is None and why.startswith("unreadable image ("), (name, why)
+    (tmp_path / "folder.png").mkdir()
+    assert convert(common.ImageRow(key="d", path=str(tmp_path / "folder.png"), example={}))[2].startswith("unreadable")
+    assert convert(common.ImageRow(key="m", path=str(tmp_path / "gone.png"), example={}))[2] == "image file missing"
+
+
+def _report(builder) -> dict[str, str]:
+    with open(builder.data_path / builders.REPORT_FILE) as f:
+        return {row["image_id"]: row["reason"] for row in csv.DictReader(f, delimiter="\t")}
+
+
+def _image_ids(builder) -> set[str]:
+    ids = set()
+    for split in builder.info.splits:
+        source = builder.as_data_source(split=split, decoders=builders.SKIP_IMAGE_DECODING)
+        ids |= {r["image_id"].decode() for r in source.__getitems__(range(len(source)))}
+    return ids
+
+
+def test_nih_hostile_rows_are_skipped_and_counted_in_the_report(tmp_path, monkeypatch, caplog):
+    manual = write_nih(tmp_path / "download", NIH_HEADER_2020)
+    images = manual / "images_001" / "images"
+    (images / "00000013_000.png").write_bytes(b"<html><body>Download limit exceeded</body></html>")
+    (images / "00000015_000.png").write_bytes(b"")
+    (images / "00000017_000.png").write_bytes(_png_16bit(np.full((24, 24, 3), 4095, np.uint16), 2))
+    (images / "00000019_000.png").write_bytes(_encoded(np.full((24, 24), 90, np.uint8), "L", "JPEG"))
+    table = manual / "Data_Entry_2017.csv"
+    table.write_text(table.read_text().replace("00000021_000.png,No Finding,", "00000021_000.png,Cardiomegally,"))
+    monkeypatch.setattr(common, "MAX_BAD_FRACTION", 0.05)   # 6 bad rows of 200: over the real 1 %
+    with caplog.at_level(logging.WARNING):
+        builder = _prepare(nih_chestxray14.NihChestxray14, NIH_16, tmp_path / "tfds", manual)
+
+    reasons = _report(builder)
+    assert set(reasons) == {CORRUPT, MISSING, "00000013_000.png", "00000015_000.png", "00000017_000.png",
+                            "00000021_000.png"}
+    assert reasons["00000013_000.png"].startswith("unreadable image (UnidentifiedImageError")
+    assert reasons["00000015_000.png"].startswith("unreadable image")
+    assert "16-bit RGB PNG" in reasons["00000017_000.png"]
+    assert reasons["00000021_000.png"] == "unknown finding label(s) ['Cardiomegally']"
+    assert reasons[MISSING] == "image file missing"
+    assert sum(s["bad"] for s in builder.info.metadata["prepare_report"].values()) == 6
+    kept = _image_ids(builder)
+    assert not kept & set(reasons) and "00000019_000.png" in kept and len(kept) == 200 - 6
+    assert "see" in caplog.text and builders.REPORT_FILE in caplog.text
+
+
+def test_chexpert_hostile_rows_are_skipped_and_counted_in_the_report(tmp_path, monkeypatch):
+    download = write_chexpert(tmp_path / "download")
+    release = download / "CheXpert-v1.0-small"
+    truncated, not_image, bad_value = (f"train/patient0000{p}/study1/view1_frontal.jpg" for p in (1, 2, 3))
+    jpeg = (release / truncated).read_bytes()
+    (release / truncated).write_bytes(jpeg[: len(jpeg) * 2 // 3])      # headers intact, scan data cut
+    (release / not_image).write_text("this is not a JPEG")
+    with open(release / "train.csv") as f:
+        rows = list(csv.reader(f))
+    column = rows[0].index("Cardiomegaly")
+    for row in rows:
+        if row[0].endswith(bad_value):
+            row[column] = "2.0"
+    with open(release / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    monkeypatch.setattr(common, "MAX_BAD_FRACTION", 0.1)    # 3 bad rows of 35 frontal ones
+    builder = _prepare(chexpert.Chexpert, chexpert.ChexpertConfig(name="16", size=16), tmp_path / "tfds", download)
+
+    reasons = _report(builder)
+    assert set(reasons) == {truncated, not_image, bad_value}
+    assert reasons[truncated].startswith("unreadable image") and "truncated" in reasons[truncated].lower()
+    assert reasons[not_image].startswith("unreadable image (UnidentifiedImageError")
+    assert reasons[bad_value] == "label 'Cardiomegaly' has value '2.0'; expected 1, 0, -1 or blank"
+    assert not _image_ids(builder) & set(reasons)
+
+
+def test_label_tables_with_a_wrong_header_are_refused_naming_the_file_and_the_column(tmp_path):
+    manual = write_nih(tmp_path / "nih", NIH_HEADER_2020)
+    table = manual / "Data_Entry_2017.csv"
+    table.write_text(table.read_text().replace("Finding Labels,", "", 1))
+    with pytest.raises(DataError) as error:
+        _prepare(nih_chestxray14.NihChestxray14, NIH_16, tmp_path / "nih_tfds", manual)
+    assert str(table) in str(error.value) and "'Finding Labels'" in str(error.value)
+    assert "the 2017 or the 2020 NIH label table" in str(error.value)
+
+    release = write_chexpert(tmp_path / "chexpert") / "CheXpert-v1.0-small"
+    with open(release / "train.csv") as f:
+        rows = list(csv.reader(f))
+    drop = rows[0].index("Cardiomegaly")
+    with open(release / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([row[:drop] + row[drop + 1:] for row in rows])
+    with pytest.raises(DataError, match=r"train\.csv: missing column\(s\) \['Cardiomegaly'\]"):
+        _prepare(chexpert.Chexpert, chexpert.ChexpertConfig(name="16", size=16), tmp_path / "chexpert_tfds",
+                 release.parent)
+
+
+def test_label_csv_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Spreadsheet programs re-save CSVs with a UTF-8 BOM; the header must still be recognised."""
+    path = tmp_path / "Data_Entry_2017.csv"
+    path.write_text("\ufeffImage Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+                    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+                    "00000001_000.png,Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143,\n", encoding="utf-8")
+    rows = nih_chestxray14.read_data_entry(epath.Path(path))
+    assert rows[0]["Image Index"] == "00000001_000.png" and rows[0]["Finding Labels"] == "Cardiomegaly"

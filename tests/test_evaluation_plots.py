@@ -164,3 +164,9 @@ def test_save_grid_keeps_every_pixel(tmp_path):
     np.testing.assert_array_equal(canvas[1:5, 5:8], images[1])
     np.testing.assert_array_equal(canvas[6:10, 1:4], images[2])
     assert (canvas[6:10, 5:8] == 255).all()   # the unused cell stays background
+
+
+def test_to_uint8_maps_minus_one_to_black_and_one_to_white():
+    images = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, -3.0, 2.0], np.float32).reshape(1, 1, 7, 1)
+    assert plots.to_uint8(images).tolist() == [[[0, 64, 128, 191, 255, 0, 255]]]
+    assert plots.to_uint8(images[..., 0]).dtype == np.uint8

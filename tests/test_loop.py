@@ -26,7 +26,7 @@ TOY_SCRIPT = REPO_ROOT / "tests" / "helpers" / "toy_task.py"
 
 
 def _losses(workdir):
-    from tests.test_foundation import read_events
+    from tests.helpers.events import read_events
     return {e.step: v.simple_value for e in read_events(workdir / "tensorboard") for v in e.summary.value
             if v.tag == "toy/train/loss"}
 
@@ -37,7 +37,7 @@ def _event_files(workdir) -> set:
 
 def _loss_steps_logged_in(files, scratch) -> list[int]:
     """The steps whose training loss these event files hold (one entry per event), in order."""
-    from tests.test_foundation import read_events
+    from tests.helpers.events import read_events
     scratch.mkdir()
     for path in files:
         shutil.copy(path, scratch / path.name)
@@ -53,7 +53,7 @@ def _recording_evaluations(task) -> list[int]:
 
 
 def test_loop_learns_and_writes_artefacts(tmp_path):
-    from tests.test_foundation import read_events
+    from tests.helpers.events import read_events
     config = toy_task.toy_config(steps=60, eval_every=40)
     task = toy_task.toy_task(config)
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from xray_dit import sharding
 from xray_dit.data import DataError, builders, phantom, pipeline, split_rows, splits, synthetic
+from xray_dit.data import synthetic as synthetic_lib
 from xray_dit.data.builders import common, cxr_phantom
 
 SIZE = 32
@@ -469,3 +470,46 @@ def test_scarcity_and_roundtrip_errors(data_dir, tmp_path):
         pipeline.DataConfig.from_config(data_config(data_dir, target_class="", target_fraction=0.5))
     with pytest.raises(DataError, match="target_fraction=1.5 must lie in"):
         pipeline.metadata_table(data_config(data_dir, target_fraction=1.5), "train")
+
+
+SMALL_NAME = "32_failures"
+
+
+@pytest.fixture(scope="module")
+def small_data_dir(tmp_path_factory):
+    """60 phantom images at 32 px, a quarter of them Cardiomegaly."""
+    directory = tmp_path_factory.mktemp("tfds")
+    builders.prepare("cxr_phantom", cxr_phantom.PhantomConfig(
+        name=SMALL_NAME, size=32, num_images=60, spec=phantom.PhantomSpec(cardiomegaly_prevalence=0.25)),
+        data_dir=directory, prepare_workers=0)
+    return directory
+
+
+def _small_data_config(data_dir):
+    return {"name": "cxr_phantom", "builder_config": SMALL_NAME, "data_dir": str(data_dir),
+            "labels": ("Cardiomegaly", "Effusion", "Nodule")}
+
+
+def test_an_undecodable_synthetic_image_is_named_when_it_is_read(small_data_dir, tmp_path):
+    folder = tmp_path / "synthetic"
+    synthetic_lib.write_synthetic(folder, np.zeros((4, 32, 32), np.uint8), ["Cardiomegaly"] * 4)
+    broken = folder / "synthetic_000002.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    dataset = pipeline.make_dataset(_small_data_config(small_data_dir), "validation", train=False, seed=0, batch_size=8,
+                                    synthetic=folder)
+    with pytest.raises(common.BadImageError) as error:
+        list(dataset)
+    assert f"synthetic image {broken} cannot be decoded" in str(error.value)
+    assert "remove its row from" in str(error.value) and str(folder / synthetic_lib.MANIFEST) in str(error.value)
+
+
+def test_a_class_filter_that_leaves_less_than_one_batch_is_a_clear_error(small_data_dir):
+    config = _small_data_config(small_data_dir)
+    train = len(pipeline.metadata_table(config, "train"))
+    positives = len(pipeline.metadata_table(config, "train").positives("Cardiomegaly"))
+    assert 0 < positives < 16 <= train          # the whole split fills a batch; its Cardiomegaly images do not
+    next(iter(pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16)))
+    with pytest.raises(DataError) as error:
+        pipeline.make_dataset(config, "train", train=True, seed=0, batch_size=16, only_class="Cardiomegaly")
+    assert f"has {positives} images after filtering/mixing, fewer than one global batch of 16" in str(error.value)
+    assert "lower the batch size or add data" in str(error.value)

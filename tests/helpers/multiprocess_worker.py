@@ -2,7 +2,7 @@
 
     python tests/helpers/multiprocess_worker.py WORKDIR STEPS
 
-Started by tests/test_multiprocess.py once per process, with the environment `srun` would give each task
+Started by tests/test_sharding_multiprocess.py once per process, with the environment `srun` would give each task
 (SLURM_NTASKS, SLURM_PROCID, ...) plus JAX_COORDINATOR_ADDRESS, as launch/slurm_gpu.sbatch exports it, so the
 processes join through the same `sharding.maybe_initialize_distributed()` that `xray_dit.main` calls. CPU
 collectives go over gloo. All processes share WORKDIR: Orbax writes the checkpoints collectively, process 0
@@ -92,7 +92,7 @@ def main() -> None:
     sharding.maybe_initialize_distributed()
     if jax.process_count() < 2:
         raise RuntimeError("the multi-process worker started alone: set JAX_COORDINATOR_ADDRESS and the SLURM_* "
-                           "variables as tests/test_multiprocess.py does")
+                           "variables as tests/test_sharding_multiprocess.py does")
     config = tiny_config(steps)
     task = tiny_dit_task(config, latent_data(int(config.dit.train.batch_size), seed=int(config.seed)))
     state = loop.train(config, workdir, task)

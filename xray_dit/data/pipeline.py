@@ -235,13 +235,8 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     if train and cfg.balanced_sampling:
         groups = _class_groups(table, columns, real, label_names, what)
 
-    source = None
-    synthetic_indices = np.zeros(0, np.int64)
-    if synthetic is not None:
-        source = synthetic if isinstance(synthetic, SyntheticSource) else SyntheticSource(synthetic, table.label_names)
-        synthetic_indices = _choose_synthetic(len(source), len(real), synthetic_count, synthetic_ratio, seed)
-    elif synthetic_count is not None or synthetic_ratio is not None:
-        raise ValueError("synthetic_count/synthetic_ratio given without a synthetic folder")
+    source, synthetic_indices = _synthetic_rows(synthetic, table.label_names, len(real), synthetic_count,
+                                                synthetic_ratio, seed)
 
     roundtrip_prob = cfg.roundtrip_prob if train else 0.0
     plan = _EpochPlan(real=real, groups=groups, synthetic=synthetic_indices, shuffle=train, seed=seed,
@@ -255,13 +250,7 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     if epochs != 1:
         ds = ds.repeat(epochs)
     ds = ds[process_index::process_count]
-    ds = ds.map(_ReadAndDecode(
-        split_rows.record_source(builder, split, cfg.split_file),
-        table.labels[:, columns], table.label_mask[:, columns],
-        source, None if source is None else source.labels[:, columns],
-        None if source is None else source.label_mask[:, columns], builders.image_size(builder),
-        records=records,
-        roundtrip_source=roundtrip.RoundtripSource(cfg.roundtrip_dir, table.image_id) if roundtrip_prob else None))
+    ds = ds.map(_decoder(builder, split, cfg, table, columns, records, source, roundtrip_prob))
     if train:
         # Different processes hold different images at the same position: give them different draws.
         ds = ds.random_map(augment.Augment(cfg.augment), seed=int(np.random.default_rng([seed, process_index])
@@ -273,6 +262,31 @@ def make_dataset(config: Any, split: str, *, train: bool, seed: int, batch_size:
     logging.info("%s: %d real (%.0f %% round-tripped) + %d synthetic images per epoch, local batch %d, %s", what,
                  len(real), 100 * roundtrip_prob, len(synthetic_indices), local_batch, "train" if train else "eval")
     return iter_ds
+
+
+def _synthetic_rows(synthetic: SyntheticSource | str | os.PathLike | None, label_names: Sequence[str],
+                    real_count: int, synthetic_count: int | None, synthetic_ratio: float | None,
+                    seed: int) -> tuple[SyntheticSource | None, np.ndarray]:
+    """The synthetic source to mix in (None without a folder) and which of its images an epoch reads."""
+    if synthetic is None:
+        if synthetic_count is not None or synthetic_ratio is not None:
+            raise ValueError("synthetic_count/synthetic_ratio given without a synthetic folder")
+        return None, np.zeros(0, np.int64)
+    source = synthetic if isinstance(synthetic, SyntheticSource) else SyntheticSource(synthetic, label_names)
+    return source, _choose_synthetic(len(source), real_count, synthetic_count, synthetic_ratio, seed)
+
+
+def _decoder(builder, split: str, cfg: DataConfig, table: splits.MetadataTable, columns: np.ndarray,
+             records: np.ndarray, source: SyntheticSource | None, roundtrip_prob: float) -> _ReadAndDecode:
+    """The map from a planned entry to its decoded example, with the label columns asked for: the real record
+    (or its stored round trip, where `roundtrip_prob` > 0) or the synthetic image."""
+    return _ReadAndDecode(
+        split_rows.record_source(builder, split, cfg.split_file),
+        table.labels[:, columns], table.label_mask[:, columns],
+        source, None if source is None else source.labels[:, columns],
+        None if source is None else source.label_mask[:, columns], builders.image_size(builder),
+        records=records,
+        roundtrip_source=roundtrip.RoundtripSource(cfg.roundtrip_dir, table.image_id) if roundtrip_prob else None)
 
 
 def _real_rows(table: splits.MetadataTable, only_class: str | None, what: str) -> np.ndarray:

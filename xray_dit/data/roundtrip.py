@@ -12,14 +12,13 @@ real image's labels stay). `xray_dit.study.arms.write_roundtrip_store` writes on
 
 from __future__ import annotations
 
-import csv
 import os
 from typing import Sequence
 
 import numpy as np
 from etils import epath
 
-from xray_dit.data.synthetic import MANIFEST
+from xray_dit.data.synthetic import MANIFEST, PngFolderSource, read_manifest
 
 ID_COLUMN = "image_id"
 # Separates the swap draws from the epoch plan's own stream, so switching the mitigation on leaves the
@@ -27,7 +26,7 @@ ID_COLUMN = "image_id"
 _SWAP_STREAM = 0x7270
 
 
-class RoundtripSource:
+class RoundtripSource(PngFolderSource):
     """`source[i]` → {"image": PNG bytes}: the stored round trip of `image_ids[i]`."""
 
     def __init__(self, folder: str | os.PathLike, image_ids: Sequence[str]):
@@ -36,26 +35,12 @@ class RoundtripSource:
         if not manifest.is_file():
             raise FileNotFoundError(f"no {MANIFEST} in the round-trip store {self.folder}; write it with "
                                     "xray_dit.study.arms.write_roundtrip_store")
-        with manifest.open() as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in ("file", ID_COLUMN) if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{manifest}: missing column(s) {missing}; found {reader.fieldnames}")
-            by_id = {row[ID_COLUMN]: row["file"] for row in reader}
+        by_id = {row[ID_COLUMN]: row["file"] for row in read_manifest(manifest, ("file", ID_COLUMN), ValueError)}
         absent = [str(i) for i in image_ids if str(i) not in by_id]
         if absent:
             raise ValueError(f"the round-trip store {self.folder} lacks {len(absent)} of the {len(image_ids)} "
                              f"training images (e.g. {absent[:5]}); rewrite it from this dataset's train split")
         self.files = [by_id[str(i)] for i in image_ids]
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> dict[str, bytes]:
-        return {"image": (self.folder / self.files[index]).read_bytes()}
-
-    def __repr__(self) -> str:
-        return f"RoundtripSource({self.folder}, {len(self)} images)"
 
 
 def swap_mask(seed: int, epoch: int, count: int, prob: float) -> np.ndarray:

@@ -25,7 +25,33 @@ UNLISTED_POLICIES = ("negative", "unknown")
 _MAX_LISTED = 20
 
 
-class SyntheticSource:
+def read_manifest(manifest: epath.Path, columns: Sequence[str], error: type[Exception]) -> list[dict[str, str]]:
+    """The rows of a folder's manifest, refusing (with `error`) one that lacks any of `columns`."""
+    with manifest.open() as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise error(f"{manifest}: missing column(s) {missing}; found {reader.fieldnames}")
+        return list(reader)
+
+
+class PngFolderSource:
+    """Random access to the PNGs a manifest lists: `source[i]` → {"image": the bytes of `folder / files[i]`}."""
+
+    folder: epath.Path
+    files: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, bytes]:
+        return {"image": (self.folder / self.files[index]).read_bytes()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.folder}, {len(self)} images)"
+
+
+class SyntheticSource(PngFolderSource):
     """Random-access source over a synthetic folder: `source[i]` → {"image": PNG bytes, ...}."""
 
     def __init__(self, folder: str | os.PathLike, label_names: Sequence[str], *, unlisted: str = "negative"):
@@ -37,12 +63,7 @@ class SyntheticSource:
         if not manifest.is_file():
             raise DataError(f"no {MANIFEST} in the synthetic folder {self.folder}; it needs columns "
                             "file,label (see xray_dit.data.synthetic.write_synthetic)")
-        with manifest.open() as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in ("file", "label") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"{manifest}: missing column(s) {missing}; found {reader.fieldnames}")
-            self.rows: list[dict[str, str]] = list(reader)
+        self.rows: list[dict[str, str]] = read_manifest(manifest, ("file", "label"), DataError)
         if not self.rows:
             raise DataError(f"{manifest} lists no images; regenerate the folder or point elsewhere")
 
@@ -61,15 +82,6 @@ class SyntheticSource:
                             "(several labels as 'A|B') or mix the folder into a dataset with those labels")
         self.labels = np.stack([common.multi_hot(names, self.label_names) for names in named])
         self.label_mask = np.ones_like(self.labels) if unlisted == "negative" else self.labels.copy()
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, bytes]:
-        return {"image": (self.folder / self.files[index]).read_bytes()}
-
-    def __repr__(self) -> str:
-        return f"SyntheticSource({self.folder}, {len(self)} images)"
 
     @property
     def table(self) -> splits.MetadataTable:

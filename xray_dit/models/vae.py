@@ -214,6 +214,13 @@ class ResnetStage(nn.Module):
         return x
 
 
+def _conv_out(h: jax.Array, out_channels: int, norm_num_groups: int, *, dtype: Dtype, param_dtype: Dtype
+              ) -> jax.Array:
+    """GN → SiLU → conv_out: how the encoder and the decoder both end (diffusers' conv_norm_out and conv_out)."""
+    h = nn.silu(_group_norm(norm_num_groups, param_dtype=param_dtype, name="conv_norm_out")(h))
+    return _constrain(_conv3x3(out_channels, name="conv_out", dtype=dtype, param_dtype=param_dtype)(h.astype(dtype)))
+
+
 class Encoder(nn.Module):
     """conv_in → down blocks (downsampling after all but the last) → mid → GN → SiLU → conv_out."""
 
@@ -236,8 +243,7 @@ class Encoder(nn.Module):
                             norm_num_groups=self.norm_num_groups, name=f"down_blocks_{i}", **kw)(h)
         h = MidBlock(self.norm_num_groups, self.mid_attention, self.attention_impl, name="mid_block", **kw)(h)
         self.sow("intermediates", "mid_block_out", h)
-        h = nn.silu(_group_norm(self.norm_num_groups, param_dtype=self.param_dtype, name="conv_norm_out")(h))
-        return _constrain(_conv3x3(self.out_channels, name="conv_out", **kw)(h.astype(self.dtype)))
+        return _conv_out(h, self.out_channels, self.norm_num_groups, **kw)
 
 
 class Decoder(nn.Module):
@@ -264,8 +270,7 @@ class Decoder(nn.Module):
         for i, channels in enumerate(widths):
             h = ResnetStage(channels, self.layers_per_block + 1, resample="up" if i != last else "",
                             norm_num_groups=self.norm_num_groups, name=f"up_blocks_{i}", **kw)(h)
-        h = nn.silu(_group_norm(self.norm_num_groups, param_dtype=self.param_dtype, name="conv_norm_out")(h))
-        return _constrain(_conv3x3(self.out_channels, name="conv_out", **kw)(h.astype(self.dtype)))
+        return _conv_out(h, self.out_channels, self.norm_num_groups, **kw)
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:

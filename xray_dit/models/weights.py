@@ -8,12 +8,14 @@ mis-shaped tensor, listing them all.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import traverse_util
 
@@ -148,6 +150,28 @@ class StateDictReader:
         if problems:
             raise WeightImportError(f"cannot import {self.source}:\n  - " + "\n  - ".join(problems))
         return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def take_head(reader: StateDictReader, prefix: str, num_classes: int, fresh: Callable[[], Mapping[str, np.ndarray]], *,
+              model_name: str, stacklevel: int = 1) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(kernel, bias) of the classifier head `{prefix}.weight`/`.bias` when it has `num_classes` rows. Otherwise
+    those of `fresh()`: logged when the file has no head; warned (`UserWarning`, `stacklevel` counted from the
+    caller) when its head is for another class count, which is then discarded, as fine-tuning an ImageNet
+    classifier on our labels expects."""
+    weight = reader.state_dict.get(f"{prefix}.weight")
+    if weight is not None and np.ndim(weight) == 2 and np.shape(weight)[0] == num_classes:
+        return reader.take(f"{prefix}.weight", linear), reader.take(f"{prefix}.bias")
+    if weight is None:
+        logging.info("%s import: %s has no %s.*; classifier head (%d classes) freshly initialised",
+                     model_name, reader.source, prefix, num_classes)
+    else:
+        warnings.warn(f"{model_name} import: {reader.source} has a head for {np.shape(weight)[0]} classes but the "
+                      f"model has {num_classes}; that head is discarded and a fresh one initialised",
+                      UserWarning, stacklevel=stacklevel + 1)
+        reader.take(f"{prefix}.weight")
+        reader.take(f"{prefix}.bias")
+    head = fresh()
+    return head["kernel"], head["bias"]
 
 
 def nested(flat: Mapping[str, Any]) -> dict:

@@ -15,7 +15,7 @@ the same real training images, their C chosen on validation, and scored on test.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -218,17 +218,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
         del writer   # the loop writes the returned AUCs
         variables = _evaluated_variables(state)
         out = predictions(variables, "validation")
-        aucs = classification.per_class_auc(out["labels"], out["probs"], class_names, out["label_mask"] > 0)
-        metrics = {f"auc/{k}": v for k, v in aucs.items()} | {"auc/mean": classification.mean_auc(aucs)}
-        if cfg.select_metric not in metrics:
-            raise ValueError(f"classifier.select_metric {cfg.select_metric!r} is not one of {sorted(metrics)}")
+        metrics = _validation_metrics(out, class_names, cfg.select_metric)
         value = metrics[cfg.select_metric]
-        best = json.loads(best_info_path.read_text()) if best_info_path.exists() else None
-        if not np.isfinite(value):
-            logging.warning("classifier: %s is undefined on validation (a class without positives?); until it is "
-                            "defined, the latest parameters are kept as the best", cfg.select_metric)
-        improves = np.isfinite(value) and (best is None or not np.isfinite(best["value"]) or value > best["value"])
-        if improves or (best is None or not np.isfinite(best["value"])):
+        if _replaces_the_kept(value, best_info_path, cfg.select_metric):
             checkpoint.save_export(best_dir, export_tree(variables), {
                 "kind": kind, "model": factory.model_fields(model), "class_names": list(class_names),
                 "step": step})
@@ -250,6 +242,26 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     return evaluate_on_test(config, workdir, predictions, variables_from_export(kept, state_names), class_names,
                             directory, best, validation=best_validation.get(best["step"]),
                             baselines=lambda: pixel_baselines(config, directory, mesh, baseline_sizes, eval_bs))
+
+
+def _validation_metrics(out: dict, class_names: Sequence[str], select_metric: str) -> dict[str, float]:
+    """Per-class validation AUCs and their mean, refusing a `select_metric` that is not one of them."""
+    aucs = classification.per_class_auc(out["labels"], out["probs"], class_names, out["label_mask"] > 0)
+    metrics = {f"auc/{k}": v for k, v in aucs.items()} | {"auc/mean": classification.mean_auc(aucs)}
+    if select_metric not in metrics:
+        raise ValueError(f"classifier.select_metric {select_metric!r} is not one of {sorted(metrics)}")
+    return metrics
+
+
+def _replaces_the_kept(value: float, best_info_path: epath.Path, select_metric: str) -> bool:
+    """Whether parameters scoring `value` replace the kept best: they improve on it, or the kept value is
+    undefined (or nothing is kept yet), so that the latest parameters are kept until the metric is defined."""
+    best = json.loads(best_info_path.read_text()) if best_info_path.exists() else None
+    if not np.isfinite(value):
+        logging.warning("classifier: %s is undefined on validation (a class without positives?); until it is "
+                        "defined, the latest parameters are kept as the best", select_metric)
+    improves = np.isfinite(value) and (best is None or not np.isfinite(best["value"]) or value > best["value"])
+    return improves or best is None or not np.isfinite(best["value"])
 
 
 def pixel_baselines(config, directory, mesh, sizes: dict[str, int], batch_size: int) -> dict:

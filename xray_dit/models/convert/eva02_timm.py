@@ -8,7 +8,6 @@ kernels summed for grayscale input, and a head re-initialised when its class cou
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Mapping
 
 import jax
@@ -155,22 +154,9 @@ def from_state_dict(state_dict: Mapping[str, np.ndarray], model: Eva02, *,
     for i in range(model.depth):
         flat.update(_take_block(reader, model, i))
 
-    head_weight = state_dict.get("head.weight")
-    if head_weight is not None and np.ndim(head_weight) == 2 and np.shape(head_weight)[0] == model.num_classes:
-        flat["head/kernel"] = reader.take("head.weight", linear)
-        flat["head/bias"] = reader.take("head.bias")
-    else:
-        if head_weight is None:
-            logging.info("EVA-02 import: %s has no head.*; classifier head (%d classes) freshly initialised",
-                         source, model.num_classes)
-        else:
-            warnings.warn(f"EVA-02 import: {source} has a head for {np.shape(head_weight)[0]} classes but the model "
-                          f"has {model.num_classes}; that head is discarded and a fresh one initialised",
-                          UserWarning, stacklevel=2)
-            reader.take("head.weight")
-            reader.take("head.bias")
-        fresh = _fresh_head(model, jax.random.key(0) if rng is None else rng)
-        flat["head/kernel"], flat["head/bias"] = fresh["kernel"], fresh["bias"]
+    flat["head/kernel"], flat["head/bias"] = weights.take_head(
+        reader, "head", model.num_classes, lambda: _fresh_head(model, jax.random.key(0) if rng is None else rng),
+        model_name="EVA-02", stacklevel=2)
 
     return weights.as_numpy(reader.finish(weights.nested(flat), expected), model.param_dtype)
 

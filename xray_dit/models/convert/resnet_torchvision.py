@@ -25,7 +25,6 @@ one initialised, as for EVA-02.
 from __future__ import annotations
 
 import re
-import warnings
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -36,7 +35,7 @@ from absl import logging
 from flax import traverse_util
 
 from xray_dit.models import resnet
-from xray_dit.models.weights import StateDictReader, WeightImportError, conv, linear, nested
+from xray_dit.models.weights import StateDictReader, WeightImportError, conv, nested, take_head
 
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _INDEXED = re.compile(r"(.+)_(\d+)$")
@@ -75,20 +74,10 @@ def _fresh_head(model: resnet.ResNet, feature_dim: int, rng: jax.Array) -> dict[
 
 
 def _head(reader: StateDictReader, model: resnet.ResNet, feature_dim: int, rng: jax.Array | None) -> dict:
-    weight = reader.state_dict.get("fc.weight")
-    if weight is not None and np.ndim(weight) == 2 and np.shape(weight)[0] == model.num_classes:
-        return {"params/fc/kernel": reader.take("fc.weight", linear), "params/fc/bias": reader.take("fc.bias")}
-    if weight is None:
-        logging.info("ResNet import: %s has no fc.*; classifier head (%d classes) freshly initialised",
-                     reader.source, model.num_classes)
-    else:
-        warnings.warn(f"ResNet import: {reader.source} has a head for {np.shape(weight)[0]} classes but the model "
-                      f"has {model.num_classes}; that head is discarded and a fresh one initialised",
-                      UserWarning, stacklevel=3)
-        reader.take("fc.weight")
-        reader.take("fc.bias")
-    fresh = _fresh_head(model, feature_dim, jax.random.key(0) if rng is None else rng)
-    return {"params/fc/kernel": fresh["kernel"], "params/fc/bias": fresh["bias"]}
+    kernel, bias = take_head(reader, "fc", model.num_classes,
+                             lambda: _fresh_head(model, feature_dim, jax.random.key(0) if rng is None else rng),
+                             model_name="ResNet", stacklevel=3)
+    return {"params/fc/kernel": kernel, "params/fc/bias": bias}
 
 
 def from_state_dict(state_dict: Mapping[str, np.ndarray], model: resnet.ResNet, *,

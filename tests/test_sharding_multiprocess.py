@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 
 def _losses(workdir) -> dict[int, list[float]]:
-    from tests.test_foundation import read_events
+    from tests.helpers.events import read_events
     losses: dict[int, list[float]] = {}
     for event in read_events(workdir / "tensorboard"):
         for value in event.summary.value:

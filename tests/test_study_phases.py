@@ -2,18 +2,21 @@
 
 One run (module-scoped) of all nine phases on a 400-image phantom with tiny models, every arm kind and two
 generator seeds, watched by spies that record which split every image pass reads, which rows the statistics
-receive and what each classifier run mixes in. The scarcity runner's fraction loop is tested on stand-in phases.
+receive and what each classifier run mixes in. The scarcity runner's fraction loop, and a study killed in its
+report phase, are tested on stand-in phases.
 """
 
 import collections
 import contextlib
 import inspect
 import json
+import logging
 import pathlib
 
 import jax
 import numpy as np
 import pytest
+from etils import epath
 from sklearn.metrics import confusion_matrix
 
 from tests.helpers import tiny_configs
@@ -22,8 +25,7 @@ from xray_dit.data.builders import cxr_phantom
 from xray_dit.evaluation import classification, privacy
 from xray_dit.study import arms
 from xray_dit.study import context as context_lib
-from xray_dit.study import filters, phases, probe
-from xray_dit.study import report as report_lib
+from xray_dit.study import filters, phases
 from xray_dit.train import classifier as classifier_trainer
 from xray_dit.train import eval_pass
 
@@ -368,56 +370,6 @@ def test_rerun_skips_done_phases_and_rerun_from_repeats_the_tail(study, monkeypa
         phases.run(config, study["workdir"])
 
 
-def test_realism_distance_on_constructed_sets():
-    rng = np.random.default_rng(0)
-    reference = rng.normal(size=(20, 4))
-    query = np.concatenate([reference[:2], rng.normal(size=(2, 4)) * 10])
-    d = filters.kth_neighbour_distance(query, reference, 1)
-    assert d[0] == pytest.approx(0.0, abs=1e-9) and d[1] == pytest.approx(0.0, abs=1e-9)
-    loo = filters.kth_neighbour_distance(reference, reference, 1, exclude_self=True)
-    assert np.all(loo > 0)
-
-
-def test_context_computes_each_shared_thing_once(tmp_path, monkeypatch):
-    calls = collections.Counter()
-
-    def counted(name, value):
-        def make(*args, **kwargs):
-            calls[(name, args[2] if name == "real" else None, kwargs.get("only_class"))] += 1
-            return value
-        return make
-    monkeypatch.setattr(probe, "real_images", counted("real", "images"))
-    monkeypatch.setattr(probe, "synthetic_images", counted("synthetic", "generated"))
-    monkeypatch.setattr(probe, "ClassifierProbe", counted("probe", "classifier"))
-    config = tiny_configs.tiny_config(tmp_path)
-    generators = [{"name": name, "out_dir": str(tmp_path / name)} for name in ("target_only_seed0", "target_only_seed1")]
-    context = context_lib.StudyContext(config=config, workdir=tmp_path, mesh=None,
-                                       results={"04_generate": {"generators": generators}})
-    for _ in range(2):
-        assert context.real_images("train") == "images"
-        assert context.real_images("test", only_class="Cardiomegaly") == "images"
-        assert context.synthetic_images() == "generated" and context.probe() == "classifier"
-        assert context.synthetic_images("target_only_seed1") == "generated"
-        assert context.synthetic_images("target_only_seed0") == "generated"   # the first generator's, cached
-    assert calls == {("real", "train", None): 1, ("real", "test", "Cardiomegaly"): 1, ("synthetic", None, None): 2,
-                     ("probe", None, None): 1}
-    with pytest.raises(KeyError, match="no generator 'class_conditional_seed0'"):
-        context.synthetic_images("class_conditional_seed0")
-
-
-def test_report_states_each_filter_threshold():
-    thresholds = {"fidelity_probability": 0.5, "realism_knn": 0.1, "privacy_pixel": 0.2, "privacy_feature": 0.3,
-                  "duplicate_correlation": 0.98}
-    assert report_lib._threshold_text("label fidelity", thresholds, "Effusion") == "p(Effusion) ≥ 0.50"
-    assert report_lib._threshold_text("privacy", thresholds, "Effusion") == "pixel > 0.2000 and feature > 0.3000"
-
-
-def test_quality_encoder_is_a_baseline_seed_the_filters_did_not_use():
-    assert probe.quality_encoder_seed(["10", "2", "7"]) == "7"   # the filters' probe takes seed "2"
-    assert probe.quality_encoder_seed([3, 1]) == 3
-    assert probe.quality_encoder_seed(["0"]) is None
-
-
 def _fake_phases(calls, fail_at=None):
     """Stand-ins for the nine phases: each records (phase, its folder, the data fraction it saw)."""
     def make(phase):
@@ -487,32 +439,6 @@ def test_one_fraction_keeps_the_flat_layout_and_conflicting_fractions_are_refuse
         phases.run(config, tmp_path / "other")
 
 
-@pytest.mark.parametrize("name, kinds, num_arms, fractions", [
-    ("quickstart", {"synthetic", "oversampled", "phantom_positive"}, 3, [1.0]),
-    ("phantom_full", set(arms.ARM_KINDS), 21, [1.0, 0.25]),
-    ("study", set(arms.ARM_KINDS) - {"phantom_positive"}, 28, [1.0, 0.25]),   # NIH: no phantom control
-])
-def test_study_configs_plan_the_design_they_promise(name, kinds, num_arms, fractions):
-    import importlib
-
-    from xray_dit import main
-    from xray_dit.study import training
-    config = importlib.import_module(f"configs.{name}").get_config()
-    main._check_config(config)
-    generators = [{"name": training.generator_name(variant, seed), "seed": seed}
-                  for variant in training.generator_variants(config) for seed in config.study.generator_seeds]
-    plan = arms.plan_arms(config.study, accepted_count=int(config.study.num_synthetic),
-                          have_phantom=config.data.name == "cxr_phantom", generators=generators)
-    assert {a["kind"] for a in plan} == kinds and len(plan) == num_arms
-    primary = {(a["kind"], a["generator"]) for a in plan if a["primary"]}
-    assert {("oversampled", None)} | {("synthetic", g["name"]) for g in generators} <= primary
-    assert phases.target_fractions(config) == fractions
-    assert config.study.num_synthetic >= max(config.study.synthetic_counts)
-    assert config.classifier.select_metric == f"auc/{config.data.target_class}"
-    if name != "quickstart":
-        assert set(config.study.generators) == set(training.GENERATOR_VARIANTS)
-
-
 def _runs_by_arm(results: dict) -> dict:
     return {"real only": results["01_baseline"]["runs"],
             **{arm: entry["runs"] for arm, entry in results["06_retrain"]["arms"].items()}}
@@ -538,3 +464,57 @@ def test_each_classifier_run_took_its_thresholds_from_its_validation_predictions
                     test["labels"][known, c], (test["probs"][known, c] >= want).astype(int), labels=[0, 1]).tolist()
                 checked += 1
     assert checked, "no run had a class with both outcomes in validation: the micro data changed"
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no `except Exception` on the way can swallow it."""
+
+
+def test_study_killed_in_the_report_phase_redoes_only_that_phase(tmp_path, monkeypatch, caplog):
+    calls, kill = [], {"in_report": True, "at_marker": False}
+
+    def fake(phase):
+        def run(context):
+            calls.append(phase)
+            if phase == "09_report":
+                assert set(context.results) == set(phases.PHASES[:-1])   # read back from the markers on a rerun
+                (context.workdir / "report.md").write_text("# Repo")
+                if kill["in_report"]:
+                    raise _Killed
+                (context.workdir / "report.md").write_text("# Report\n")
+            return {"phase": phase}
+        return run
+    monkeypatch.setattr(phases, "_phase_functions", lambda: {p: fake(p) for p in phases.PHASES})
+    monkeypatch.setattr(phases.prepared, "ensure_prepared", lambda config, workdir: workdir / "tfds")
+    path_class = type(epath.Path("/"))
+    rename = path_class.rename
+
+    def rename_or_die(self, target):
+        if kill["at_marker"] and self.name == phases.MARKER + ".partial" and self.parent.name == "09_report":
+            raise _Killed
+        return rename(self, target)
+    monkeypatch.setattr(path_class, "rename", rename_or_die)
+    from configs import base
+    config = base.get_config()
+
+    with pytest.raises(_Killed):
+        phases.run(config, tmp_path)
+    assert calls == list(phases.PHASES)
+    assert [p for p in phases.PHASES if (tmp_path / p / phases.MARKER).exists()] == list(phases.PHASES[:-1])
+
+    calls.clear()
+    kill.update(in_report=False, at_marker=True)      # this time killed while committing the report's marker
+    with pytest.raises(_Killed):
+        phases.run(config, tmp_path)
+    assert calls == ["09_report"] and not (tmp_path / "09_report" / phases.MARKER).exists()
+
+    calls.clear()
+    caplog.clear()
+    kill["at_marker"] = False
+    with caplog.at_level(logging.INFO):
+        results = phases.run(config, tmp_path)
+    assert calls == ["09_report"] and results["09_report"] == {"phase": "09_report"}
+    assert (tmp_path / "report.md").read_text() == "# Report\n"
+    assert (tmp_path / "09_report" / phases.MARKER).exists()
+    assert not list((tmp_path / "09_report").glob("*.partial"))
+    assert sum("already done, skipping" in r.getMessage() for r in caplog.records) == len(phases.PHASES) - 1

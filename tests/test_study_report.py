@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from tests.test_analysis import _arm, _context
+from tests.helpers.compare_arms import study_context, write_arm
 from xray_dit.study import analysis, privacy_report, report, report_comparison
 
 ORDER = [*report_comparison.SECTIONS, "Baseline: the network and a pixel logistic regression beside it",
@@ -16,9 +16,10 @@ ORDER = [*report_comparison.SECTIONS, "Baseline: the network and a pixel logisti
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    retrained = {"real + 8 synthetic": _arm(root, "syn", 3.0, 10, kind="synthetic", count=8, primary=True),
-                 "real + 8 oversampled real": _arm(root, "over", 1.0, 20, kind="oversampled", count=8, primary=True)}
-    context = _context(root, retrained, synthetic_counts=(8,), primary_count=8, bootstrap_samples=100)
+    retrained = {"real + 8 synthetic": write_arm(root, "syn", 3.0, 10, kind="synthetic", count=8, primary=True),
+                 "real + 8 oversampled real": write_arm(root, "over", 1.0, 20, kind="oversampled", count=8,
+                                                        primary=True)}
+    context = study_context(root, retrained, synthetic_counts=(8,), primary_count=8, bootstrap_samples=100)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(analysis, "_train_target_positives", lambda config: 40)
         context.results["07_compare"] = analysis.compare(context)
@@ -37,7 +38,7 @@ def compared(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _privacy_section_stand_in(monkeypatch):
     """The privacy and quality blocks come from 08's own section builder, tested with 08's real results in
-    test_study_privacy / test_study; here only their place in the report matters."""
+    test_study_privacy_report / test_study_phases; here only their place in the report matters."""
     monkeypatch.setattr(privacy_report, "report_section", lambda priv, filt, config: [
         ("h", 2, "Privacy"), ("p", "privacy stand-in"), ("h", 2, "Quality of the synthetic set"),
         ("p", "quality stand-in")])
@@ -97,3 +98,10 @@ def test_scarcity_series_put_each_fraction_at_its_real_positives(compared):
     assert series["synthetic − real only"][0] == (40.0, gain["estimate"], gain["lower"], gain["upper"])
     assert ticks == {40.0: "40 (1)", 10.0: "10 (0.25)"}
     assert report_comparison.scarcity_series({"1.0": {"07_compare": compare}}) == ({}, {})
+
+
+def test_report_states_each_filter_threshold():
+    thresholds = {"fidelity_probability": 0.5, "realism_knn": 0.1, "privacy_pixel": 0.2, "privacy_feature": 0.3,
+                  "duplicate_correlation": 0.98}
+    assert report._threshold_text("label fidelity", thresholds, "Effusion") == "p(Effusion) ≥ 0.50"
+    assert report._threshold_text("privacy", thresholds, "Effusion") == "pixel > 0.2000 and feature > 0.3000"

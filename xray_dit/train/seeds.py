@@ -116,7 +116,9 @@ def _restore(seeds: list[_Seed], states: list[dict]) -> tuple[list[dict], int]:
 
 
 def _program(updates: list, state_shardings: list, vectorize: bool):
-    """(states, batches) -> (states, metrics), one list entry per seed, as one jitted function."""
+    """(states, batches) -> (states, metrics), one list entry per seed, as one jitted function. The vmapped
+    form maps the first seed's update over all: the tasks differ only in their seed, so their losses are one
+    function of (params, batch, rng, step)."""
     def unrolled(states, batches):
         new, metrics = zip(*[update(s, b) for update, s, b in zip(updates, states, batches)])
         return list(new), list(metrics)

@@ -51,9 +51,17 @@ def _barrier(name: str) -> None:
 
 
 def _classifier_runs(context: StudyContext, folder: epath.Path, *, data: dict | None = None, **mix) -> dict[str, Any]:
-    """One classifier per seed in `folder/seed_<s>`; `data` overrides keys of config.data for these runs only."""
+    """One classifier per seed in `folder/seed_<s>`; `data` overrides keys of config.data for these runs only.
+    With `study.seeds_in_one_program` the seeds train in one program (train/seeds.py), each writing its folder
+    as its own run would."""
+    seeds = [int(seed) for seed in context.config.study.seeds]
+    if context.config.study.seeds_in_one_program:
+        config = _copy(context.config)
+        config.data.update(data or {})
+        results = classifier_trainer.train_classifier_seeds(config, folder, seeds, mesh=context.mesh, **mix)
+        return {str(seed): {"workdir": str(folder / f"seed_{seed}"), **results[seed]} for seed in seeds}
     runs = {}
-    for seed in context.config.study.seeds:
+    for seed in seeds:
         workdir = folder / f"seed_{seed}"
         config = context.with_seed(seed)
         config.data.update(data or {})

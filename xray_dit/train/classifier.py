@@ -33,6 +33,7 @@ from xray_dit.models import eva02 as eva02_lib
 from xray_dit.models import factory
 from xray_dit.models import resnet as resnet_lib
 from xray_dit.train import eval_pass, loop
+from xray_dit.train import seeds as seeds_lib
 
 MAX_POS_WEIGHT = 50.0
 # Baseline results by everything they depend on: a study's seeds and arms share the real training split, so
@@ -174,10 +175,36 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
     the study uses it both for generated images and for the oversampled-real control arm.
     """
     workdir = epath.Path(workdir)
+    mesh = mesh or sharding.make_mesh(config.mesh.shape)
+    task, finish = classifier_task(config, workdir, mesh=mesh, synthetic=synthetic, synthetic_count=synthetic_count)
+    return finish(loop.train(config, workdir, task, mesh=mesh))
+
+
+def train_classifier_seeds(config: ml_collections.ConfigDict, folder: epath.Path, seeds, *, mesh=None,
+                           synthetic: str | None = None, synthetic_count: int | None = None) -> dict[int, dict]:
+    """`train_classifier` for every seed in one program (`train/seeds.py`): seed s writes in `folder/seed_<s>`
+    what its own run would, checkpoints included. Returns {seed: results}."""
+    folder = epath.Path(folder)
+    mesh = mesh or sharding.make_mesh(config.mesh.shape)
+    runs, finishers = [], []
+    for seed in seeds:
+        seed_config = ml_collections.ConfigDict(config.to_dict())
+        seed_config.seed = int(seed)
+        workdir = folder / f"seed_{int(seed)}"
+        task, finish = classifier_task(seed_config, workdir, mesh=mesh, synthetic=synthetic,
+                                       synthetic_count=synthetic_count)
+        runs.append(seeds_lib.SeedRun(config=seed_config, workdir=workdir, task=task))
+        finishers.append(finish)
+    states = seeds_lib.train(runs, mesh=mesh)
+    return {int(seed): finish(state) for seed, finish, state in zip(seeds, finishers, states)}
+
+
+def classifier_task(config: ml_collections.ConfigDict, workdir: epath.Path, *, mesh, synthetic: str | None = None,
+                    synthetic_count: int | None = None):
+    """(the loop's TrainTask, finish): `finish(final state) -> results` evaluates the kept parameters on test."""
     cfg = config.classifier
     train_cfg = cfg.train
     check_init_from(config)
-    mesh = mesh or sharding.make_mesh(config.mesh.shape)
     directory = prepared.ensure_prepared(config, workdir)
     class_names = tuple(config.data.labels)
     model = factory.classifier_from_config(config, num_classes=len(class_names))
@@ -234,14 +261,14 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: epath.Path, *, 
                           loss_fn=loss_fn, train=train_cfg, data=data, evaluate=evaluate, initial_params=initial,
                           lr_multipliers=multipliers, init_model_state=init_model_state if state_names else None,
                           initial_model_state=initial_model_state)
-    state = loop.train(config, workdir, task, mesh=mesh)
 
-    # ---- Final evaluation with the best validation parameters ----------------------------------------
-    kept, _ = checkpoint.load_export(best_dir, export_tree(_evaluated_variables(state)), kind=kind)
-    best = json.loads(best_info_path.read_text())
-    return evaluate_on_test(config, workdir, predictions, variables_from_export(kept, state_names), class_names,
-                            directory, best, validation=best_validation.get(best["step"]),
-                            baselines=lambda: pixel_baselines(config, directory, mesh, baseline_sizes, eval_bs))
+    def finish(state):   # the final evaluation, with the best validation parameters
+        kept, _ = checkpoint.load_export(best_dir, export_tree(_evaluated_variables(state)), kind=kind)
+        best = json.loads(best_info_path.read_text())
+        return evaluate_on_test(config, workdir, predictions, variables_from_export(kept, state_names), class_names,
+                                directory, best, validation=best_validation.get(best["step"]),
+                                baselines=lambda: pixel_baselines(config, directory, mesh, baseline_sizes, eval_bs))
+    return task, finish
 
 
 def _validation_metrics(out: dict, class_names: Sequence[str], select_metric: str) -> dict[str, float]:

@@ -304,3 +304,18 @@ def test_ssim_and_ms_ssim_equal_the_formula_on_structured_images():
         assert syn.ssim(a, b) == pytest.approx(ssim_mean, rel=1e-10), size
         assert syn.ms_ssim(a, b) == pytest.approx(_reference_ms_ssim(a, b, scales), rel=1e-10), size
     assert syn.ssim(*_structured_pair(64)) == pytest.approx(SKIMAGE_SSIM_MAP_MEAN_64, rel=1e-9)
+
+
+def test_frechet_distance_of_few_samples_with_dead_features_is_finite_real_and_exact():
+    """ReLU features of 8 images in 128 dimensions (a tiny ResNet's pooled features at the micro study's equal n),
+    a third of them always 0: singular covariances, where a general matrix square root comes out with a large
+    imaginary part. The value is still the eigenvalue formula's, and a set against itself is 0."""
+    rng = np.random.default_rng(20)
+    a, b = np.maximum(rng.normal(size=(8, 128)), 0) * 0.3, np.maximum(rng.normal(0.3, 1.0, size=(8, 128)), 0) * 0.3
+    a[:, :42] = b[:, :42] = 0.0
+    cov_a, cov_b = np.cov(a.T), np.cov(b.T)
+    root_trace = np.sum(np.sqrt(np.clip(np.linalg.eigvals(cov_a @ cov_b).real, 0, None)))
+    want = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * root_trace
+    got = syn.frechet_distance(a, b)
+    assert isinstance(got, float) and got == pytest.approx(want, rel=1e-6)
+    assert abs(syn.frechet_distance(a, a)) < 1e-6 * np.trace(cov_a)   # sqrt of rounding-level eigenvalues

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
-import scipy.linalg
 import scipy.ndimage
 import scipy.spatial.distance
 from sklearn.neighbors import NearestNeighbors
@@ -30,13 +29,22 @@ def _features(x, name: str) -> np.ndarray:
     return x
 
 
-def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b, eps: float = 1e-6) -> float:
+def trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
+    """tr((a b)^½) for symmetric positive semi-definite a, b. a b is similar to a^½ b a^½, which is symmetric
+    PSD, so the trace is the sum of the square roots of that matrix's (real, non-negative) eigenvalues: no
+    general matrix square root, whose result goes complex on the singular covariances of few samples."""
+    w, v = np.linalg.eigh(a)
+    root_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = root_a @ b @ root_a
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum())
+
+
+def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
     """Fréchet distance between N(mu_a, cov_a) and N(mu_b, cov_b):
     |mu_a - mu_b|² + tr(cov_a + cov_b - 2 (cov_a cov_b)^½).
 
-    Sample covariances of fewer images than feature dimensions are singular, and the square root of
-    their product can come out non-finite or with spurious imaginary parts; then `eps` is added to both
-    diagonals (the usual FID remedy). A remaining imaginary part that is not rounding noise raises.
+    Sample covariances of fewer images than feature dimensions (or of features that are always 0, as after
+    a ReLU) are singular; `trace_sqrt_product` handles them without the usual diagonal offset.
     """
     mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
     cov_a, cov_b = np.atleast_2d(cov_a).astype(np.float64), np.atleast_2d(cov_b).astype(np.float64)
@@ -44,28 +52,11 @@ def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b, eps: float = 1e-6) -> 
     if mu_a.shape != (d,) or mu_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
         raise ValueError(f"inconsistent shapes: mu_a {mu_a.shape}, cov_a {cov_a.shape}, "
                          f"mu_b {mu_b.shape}, cov_b {cov_b.shape}")
-
-    def sqrt_product(a, b):
-        root = scipy.linalg.sqrtm(a @ b)
-        finite = np.isfinite(root).all()
-        residual = np.linalg.norm(root @ root - a @ b) / max(np.linalg.norm(a @ b), 1e-300) if finite else np.inf
-        return root, finite and residual < 1e-4
-
-    covmean, ok = sqrt_product(cov_a, cov_b)
-    if not ok:
-        offset = eps * np.eye(d)
-        covmean, _ = sqrt_product(cov_a + offset, cov_b + offset)
-    if np.iscomplexobj(covmean):
-        imaginary = np.abs(covmean.imag).max()
-        if imaginary > 1e-3 * max(1.0, np.abs(covmean.real).max()):
-            raise ValueError(f"matrix square root has a large imaginary part ({imaginary:.3g}); the "
-                             "covariances are degenerate: use more samples or fewer feature dimensions")
-        covmean = covmean.real
     diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt_product(cov_a, cov_b))
 
 
-def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
+def frechet_distance(feats_a, feats_b) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D) (FID-style).
 
     Biased upwards for small N; compare values only at equal sample sizes (`equal_n`).
@@ -76,7 +67,7 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     if min(len(feats_a), len(feats_b)) < 2:
         raise ValueError("each feature set needs at least 2 samples to estimate a covariance")
     return frechet_distance_from_stats(feats_a.mean(0), np.cov(feats_a, rowvar=False),
-                                       feats_b.mean(0), np.cov(feats_b, rowvar=False), eps)
+                                       feats_b.mean(0), np.cov(feats_b, rowvar=False))
 
 
 # ---- KID ---------------------------------------------------------------------------------------------------

@@ -167,7 +167,13 @@ def test_plan_arms_follows_the_switches_and_refuses_bad_ones():
     largest = arms.plan_arms(_study(primary_count=0, arms=("oversampled",), swept_arms=()), accepted_count=150,
                              have_phantom=True, generators=())
     assert [(a["name"], a["primary"]) for a in largest] == [("real + 150 oversampled real", True)]
-    assert arms.plan_arms(_study(), accepted_count=0, have_phantom=True, generators=one) == []
+    # No image accepted: no generated arm can run, but the controls run at the configured doses.
+    none = arms.plan_arms(_study(arms=arms.ARM_KINDS), accepted_count={G1: 0, G2: 30}, have_phantom=True,
+                          generators=_generators((G1, 1), (G2, 2)))
+    assert [(a["name"], a["primary"]) for a in none] == [
+        ("real + 100 oversampled real", False), ("real + 200 oversampled real", True),
+        ("real + 400 oversampled real", False), ("real + 200 phantom positives", True),
+        ("real + 200 VAE round-trip real", True)]
     with pytest.raises(ValueError, match="unknown kind"):
         arms.plan_arms(_study(arms=("synthetic", "mixup")), accepted_count=10, have_phantom=True, generators=one)
     with pytest.raises(ValueError, match="primary_count=300 is not one of"):

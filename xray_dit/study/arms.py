@@ -192,7 +192,9 @@ def plan_arms(study_config: Any, *, accepted_count: int | Mapping[str, int], hav
     dose of the primary comparison). Doses are study.synthetic_counts capped at `accepted_count` (the fewest
     accepted images of any generator), so every arm at a dose mixes in the same number; kinds in
     study.swept_arms run at every dose, the others at study.primary_count only. phantom_positive needs
-    `have_phantom`.
+    `have_phantom`. When some generator had no image accepted, the generated kinds cannot run at all; the
+    other kinds then run at the configured doses, so the controls (the positive one above all) still say
+    what the study could have detected.
     """
     kinds = tuple(study_config.arms)
     unknown = [k for k in kinds + tuple(study_config.swept_arms) if k not in ARM_KINDS]
@@ -204,11 +206,13 @@ def plan_arms(study_config: Any, *, accepted_count: int | Mapping[str, int], hav
     if "synthetic_mitigated" in kinds and not 0.0 < roundtrip_prob <= 1.0:
         raise ValueError(f"study.roundtrip_prob={roundtrip_prob} must lie in (0, 1] for synthetic_mitigated arms")
     accepted = min(accepted_count.values()) if isinstance(accepted_count, Mapping) else accepted_count
-    doses, primary = _doses(study_config, int(accepted))
+    none_accepted = int(accepted) == 0 and bool(generators)
+    uncapped = max([int(c) for c in study_config.synthetic_counts], default=0)
+    doses, primary = _doses(study_config, uncapped if none_accepted else int(accepted))
     named = len(generators) > 1
     arms = []
     for kind in kinds:
-        if kind == "phantom_positive" and not have_phantom:
+        if (kind == "phantom_positive" and not have_phantom) or (kind in _GENERATED and none_accepted):
             continue
         counts = doses if kind in study_config.swept_arms else [primary] if primary else []
         for count in counts:

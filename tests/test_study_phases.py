@@ -75,7 +75,7 @@ def study(tmp_path_factory):
                      prepare_workers=0)
     reads, bootstrap_calls, threshold_calls, classifier_calls = [], [], [], []
     original_passes = eval_pass.eval_passes
-    original_classifier = classifier_trainer.train_classifier
+    original_task = classifier_trainer.classifier_task
     original_boot = classification.bootstrap_auc_ci
     original_threshold = privacy.privacy_threshold
 
@@ -93,14 +93,15 @@ def study(tmp_path_factory):
         threshold_calls.append(np.asarray(heldout_to_train_distances))
         return original_threshold(heldout_to_train_distances=heldout_to_train_distances, percentile=percentile)
 
-    def spy_classifier(config, workdir, **kwargs):
+    def spy_classifier(config, workdir, **kwargs):   # every classifier run, alone or with its arm's other seeds
         classifier_calls.append({"workdir": str(workdir), "roundtrip_dir": config.data.roundtrip_dir,
-                                 "roundtrip_prob": config.data.roundtrip_prob, "seed": config.seed, **kwargs})
-        return original_classifier(config, workdir, **kwargs)
+                                 "roundtrip_prob": config.data.roundtrip_prob, "seed": config.seed,
+                                 **{k: v for k, v in kwargs.items() if k != "mesh"}})
+        return original_task(config, workdir, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(eval_pass, "eval_passes", spy_passes)
-        patch.setattr(classifier_trainer, "train_classifier", spy_classifier)
+        patch.setattr(classifier_trainer, "classifier_task", spy_classifier)
         patch.setattr(classification, "bootstrap_auc_ci", spy_bootstrap)
         patch.setattr(privacy, "privacy_threshold", spy_threshold)
         config = micro_config(data_dir)

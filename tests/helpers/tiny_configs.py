@@ -41,6 +41,8 @@ def tiny_config(data_dir: str | os.PathLike | None = None) -> ml_collections.Con
     """All four tasks at toy size on the 300-image phantom; 20 steps each, evaluated every 10."""
     config = quickstart.get_config()
     config.data.update(builder_config=PHANTOM_NAME, data_dir=os.fspath(data_dir) if data_dir else "")
+    # The tiny EVA-02 (patch 8): the trainer tests exercise the ViT; the micro study runs the quickstart's ResNet.
+    config.classifier.update(model="tiny", patch_size=8)
     every = dict(steps=20, batch_size=16, log_every=10, eval_every=10, checkpoint_every=10)
     config.vae.update(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)
     config.vae.train.update(**every)

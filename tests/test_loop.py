@@ -1,7 +1,9 @@
 """The generic train loop, on a toy regression task: learning, exact resume, NaN stop, sharding, SIGTERM."""
 
+import dataclasses
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -243,6 +245,36 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, caplog):
         state = loop.train(config, workdir, task)
     assert f"[toy] resumed from step {step} in " in caplog.text
     assert evaluations == [step + 1, step + 2] and int(state["step"]) == step + 2
+
+
+def test_sigterm_after_the_last_steps_check_still_stops_the_process_and_loses_nothing(tmp_path, monkeypatch):
+    """Steps are dispatched ahead of their results, so a SIGTERM can land after the last step's check. The
+    run has then saved its final step; the process must still stop (a study would otherwise start its next
+    run with the request forgotten), and the rerun finds the run complete without training again."""
+    config = toy_task.toy_config(steps=6)
+    fetched, fetch = [], loop._fetch_batch
+
+    def fetch_and_signal_at_the_last(data):   # the request arrives while the last step runs, unseen by its check
+        fetched.append(fetch(data))
+        if len(fetched) == 6:
+            monkeypatch.setattr(loop._Preemption, "reached", lambda self, step: False)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fetched[-1]
+
+    monkeypatch.setattr(loop, "_fetch_batch", fetch_and_signal_at_the_last)
+    with pytest.raises(SystemExit) as stopped:
+        loop.train(config, tmp_path, toy_task.toy_task(config))
+    assert stopped.value.code == 0 and len(fetched) == 6
+    reader = checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=0)
+    try:
+        assert reader.latest_step == 6
+    finally:
+        reader.close()
+    monkeypatch.undo()
+    fetched.clear()
+    monkeypatch.setattr(loop, "_fetch_batch", lambda data: fetched.append(fetch(data)) or fetched[-1])
+    state = loop.train(config, tmp_path, toy_task.toy_task(config))
+    assert int(state["step"]) == 6 and fetched == []   # resumed at the end: nothing trained again
 
 
 def test_learning_rate_schedule_warmup_then_cosine():

@@ -169,9 +169,14 @@ class _Preemption:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self.requested and exc_type is None:
+            # Asked after the last step's check (steps are dispatched ahead of their results): the run ended
+            # and saved, so stop here rather than let the caller start its next run with the request lost.
+            logging.warning("SIGTERM received at the end of the run: its final checkpoint is saved; exiting")
+            raise SystemExit(0)
 
 
 class _GlobalBatches(grain.DatasetIterator):

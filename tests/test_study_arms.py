@@ -137,8 +137,8 @@ def test_plan_arms_sweeps_the_doses_and_runs_controls_at_the_primary_one():
     assert [a["name"] for a in plan] == [
         f"real + 100 synthetic ({G1})", f"real + 100 synthetic ({G2})",
         f"real + 200 synthetic ({G1})", f"real + 200 synthetic ({G2})",
-        f"real + 350 synthetic ({G1})", f"real + 350 synthetic ({G2})",   # capped at the fewest accepted
-        "real + 100 oversampled real", "real + 200 oversampled real", "real + 350 oversampled real",
+        f"real + 400 synthetic ({G2})",   # the 350 images target_only accepted cannot supply 400
+        "real + 100 oversampled real", "real + 200 oversampled real", "real + 400 oversampled real",
         "real + 200 phantom positives", "real + 200 VAE round-trip real",
         f"real + 200 synthetic ({G1}), real round-tripped p=0.25",
         f"real + 200 synthetic ({G2}), real round-tripped p=0.25"]
@@ -167,8 +167,18 @@ def test_plan_arms_follows_the_switches_and_refuses_bad_ones():
     largest = arms.plan_arms(_study(primary_count=0, arms=("oversampled",), swept_arms=()), accepted_count=150,
                              have_phantom=True, generators=())
     assert [(a["name"], a["primary"]) for a in largest] == [("real + 150 oversampled real", True)]
-    # No image accepted: no generated arm can run, but the controls run at the configured doses.
-    none = arms.plan_arms(_study(arms=arms.ARM_KINDS), accepted_count={G1: 0, G2: 30}, have_phantom=True,
+    # Doses are capped at what the best-supplied variant gives (its seeds' fewest); a variant that cannot
+    # supply a dose is left out there.
+    two_seeds = _generators((G1, 1), ("target_only_seed2", 2), (G2, 2))
+    few = arms.plan_arms(_study(arms=("synthetic", "oversampled")), accepted_count={G1: 150, "target_only_seed2": 120,
+                                                                                    G2: 30}, have_phantom=True,
+                         generators=two_seeds)
+    assert [(a["name"], a["primary"]) for a in few] == [
+        (f"real + 100 synthetic ({G1})", False), ("real + 100 synthetic (target_only_seed2)", False),
+        (f"real + 120 synthetic ({G1})", True), ("real + 120 synthetic (target_only_seed2)", True),
+        ("real + 100 oversampled real", False), ("real + 120 oversampled real", True)]
+    # No image accepted anywhere: no generated arm can run, but the controls run at the configured doses.
+    none = arms.plan_arms(_study(arms=arms.ARM_KINDS), accepted_count={G1: 0, G2: 0}, have_phantom=True,
                           generators=_generators((G1, 1), (G2, 2)))
     assert [(a["name"], a["primary"]) for a in none] == [
         ("real + 100 oversampled real", False), ("real + 200 oversampled real", True),

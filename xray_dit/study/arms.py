@@ -189,12 +189,14 @@ def plan_arms(study_config: Any, *, accepted_count: int | Mapping[str, int], hav
     Keys: name (readable, stable: "real + 200 synthetic (class_conditional_seed1)"; the generator is named
     only when there are several), key (for folder names), kind, count, generator (the entry's name) and
     generator_seed (None unless generated), roundtrip_prob (> 0 only for synthetic_mitigated), primary (the
-    dose of the primary comparison). Doses are study.synthetic_counts capped at `accepted_count` (the fewest
-    accepted images of any generator), so every arm at a dose mixes in the same number; kinds in
+    dose of the primary comparison). Every arm at a dose mixes in the same number of images. A generator
+    variant can supply as many as the fewest any of its seeds had accepted; doses are study.synthetic_counts
+    capped at what the best-supplied variant can give, and a variant's arms run at the doses it can supply
+    (a variant with too few accepted images is left out there rather than shrinking every arm). Kinds in
     study.swept_arms run at every dose, the others at study.primary_count only. phantom_positive needs
-    `have_phantom`. When some generator had no image accepted, the generated kinds cannot run at all; the
-    other kinds then run at the configured doses, so the controls (the positive one above all) still say
-    what the study could have detected.
+    `have_phantom`. When no variant had any image accepted, the generated kinds cannot run at all; the other
+    kinds then run at the configured doses, so the controls (the positive one above all) still say what the
+    study could have detected.
     """
     kinds = tuple(study_config.arms)
     unknown = [k for k in kinds + tuple(study_config.swept_arms) if k not in ARM_KINDS]
@@ -205,10 +207,11 @@ def plan_arms(study_config: Any, *, accepted_count: int | Mapping[str, int], hav
     roundtrip_prob = float(study_config.roundtrip_prob)
     if "synthetic_mitigated" in kinds and not 0.0 < roundtrip_prob <= 1.0:
         raise ValueError(f"study.roundtrip_prob={roundtrip_prob} must lie in (0, 1] for synthetic_mitigated arms")
-    accepted = min(accepted_count.values()) if isinstance(accepted_count, Mapping) else accepted_count
-    none_accepted = int(accepted) == 0 and bool(generators)
+    supply = _variant_supply(accepted_count, generators)
+    cap = max(supply.values(), default=0)
+    none_accepted = cap == 0 and bool(generators)
     uncapped = max([int(c) for c in study_config.synthetic_counts], default=0)
-    doses, primary = _doses(study_config, uncapped if none_accepted else int(accepted))
+    doses, primary = _doses(study_config, uncapped if none_accepted else cap)
     named = len(generators) > 1
     arms = []
     for kind in kinds:
@@ -217,9 +220,27 @@ def plan_arms(study_config: Any, *, accepted_count: int | Mapping[str, int], hav
         counts = doses if kind in study_config.swept_arms else [primary] if primary else []
         for count in counts:
             for generator in generators if kind in _GENERATED else [None]:
+                if generator is not None and supply[_variant(generator)] < count:
+                    continue
                 arms.append(_arm(kind, count, generator, roundtrip_prob if kind == "synthetic_mitigated" else 0.0,
                                  count == primary, named))
     return arms
+
+
+def _variant(generator: Mapping[str, Any]) -> str:
+    return str(generator.get("variant") or generator["name"])
+
+
+def _variant_supply(accepted_count: int | Mapping[str, int], generators: Sequence[Mapping[str, Any]]
+                    ) -> dict[str, int]:
+    """Images each generator variant can supply at one dose: the fewest any of its seeds had accepted."""
+    if not isinstance(accepted_count, Mapping):
+        return {_variant(g): int(accepted_count) for g in generators} or {"": int(accepted_count)}
+    supply: dict[str, int] = {}
+    for g in generators:
+        count = int(accepted_count[g["name"]])
+        supply[_variant(g)] = min(supply.get(_variant(g), count), count)
+    return supply or {"": min(map(int, accepted_count.values()), default=0)}
 
 
 def _doses(study_config: Any, accepted: int) -> tuple[list[int], int]:

@@ -27,8 +27,9 @@ Trade-offs made to fit the hour:
   - classifier 100 steps (the quickstart's 200): a weaker baseline (expect an AUC a few points below the
     quickstart's 0.765), the same for every arm, so the contrasts stay fair.
   - DiTs 2,000 steps (the quickstart's 4,000) and the VAE 300 steps (400): fewer generated images will
-    pass the filters and fewer will show an enlarged heart; the doses are capped at the fewest images any
-    generator had accepted, which the report states.
+    pass the filters and fewer will show an enlarged heart; the doses are capped at what the best-supplied
+    generator variant accepted, and a variant with fewer is left out at the doses it cannot supply
+    (`arms.plan_arms`; 05_filter's counts say which).
 """
 
 from configs import quickstart

@@ -78,8 +78,9 @@ def test_auto_attention_is_cudnn_only_where_it_runs(backend, dtype, want, monkey
 def test_inconsistent_sizes_stop_the_study_before_anything_runs(tmp_path, change, message):
     from configs import quickstart
     config = quickstart.get_config()
+    config.classifier.model = "tiny"   # a ViT, whose patch size the image must fit too
     config.data.image_size = change["image_size"]
-    config.classifier.patch_size = change.get("patch_size", config.classifier.patch_size)
+    config.classifier.patch_size = change.get("patch_size", 8)
     with pytest.raises(ValueError) as direct:
         factory.check_sizes(config)
     assert message in str(direct.value)

@@ -33,7 +33,7 @@ def _toy_runs(config, folder, make_task=toy_task.toy_task, nan_seed=None):
 
 
 def _events(workdir):
-    from tests.test_foundation import read_events
+    from tests.helpers.events import read_events
     return sorted((e.step, v.tag, v.simple_value) for e in read_events(workdir / "tensorboard")
                   for v in e.summary.value if v.tag.startswith("toy/") and "per_sec" not in v.tag)
 

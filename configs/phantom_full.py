@@ -3,7 +3,15 @@
 Command (from the repository root):
     python -m xray_dit.main --config=configs/phantom_full.py --workdir=workdir/phantom_full
 
-Not run yet: the sizes below come from per-run timings, not from a run of this config.
+Run once (2026-12-01, tiny ResNet classifier; bench/RESULTS.md): baseline Cardiomegaly AUC 0.943, above the
+phantom's intended 0.70-0.92 (the report flags it). The class-conditional DiTs had 11-17 of 500 images accepted,
+too few for any dose, so only target_only arms ran (doses 100 and 155 at fraction 1.0, 100 and 180 at 0.25).
+Primary contrast synthetic − oversampled: +0.002 [-0.011, +0.016] at fraction 1.0; -0.020 [-0.046, -0.001]
+(Holm p 0.036, synthetic worse) at fraction 0.25. The positive control was NOT significant (+0.007 [-0.004,
++0.020] and +0.033 [-0.014, +0.080], Holm p 0.98 in a family of 7): near a saturated baseline, with 37 test
+positives and 3 seeds, this design cannot yet show a true gain. Time: 55 min 37 s wall for the run that did
+fraction 1.0's retraining onwards and all of fraction 0.25, on 2 cores shared with other jobs; the phases' own
+times add up to 76 minutes under that load.
 
 What it does, on the quickstart's 3,000 phantom radiographs at 64 px and its tiny models: the scarcity axis
 (the target class's training patients at fractions 1.0 and 0.25, each a complete sub-study in

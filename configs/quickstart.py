@@ -10,7 +10,8 @@ retrains the classifier (3 seeds) on three arms at one dose of 200 images: real 
 oversampled real (the primary contrast, synthetic − oversampled) and real + fresh phantom patients with the
 finding (the positive control: what perfect synthetic data would do). Writes `workdir/quickstart/report.md`
 and `report.html`.
-Measured (2026-12-01, bench/RESULTS.md): the baseline's Cardiomegaly test AUC 0.940 ± 0.006 over seeds (pixel
+Expected: the verdicts as the data give them. Measured (2026-12-01, bench/RESULTS.md): the baseline's
+Cardiomegaly test AUC 0.940 ± 0.006 over seeds (pixel
 logistic regression 0.933), 344 of 500 generated images accepted; primary contrast synthetic − oversampled
 -0.003 [-0.017, +0.006] (no significant difference); the positive control +0.011 [+0.001, +0.031] over real only,
 significant after Holm (p 0.024); injected near-copies flagged 100 % [96, 100], new patients 0 % [0, 9] by the

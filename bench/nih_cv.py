@@ -163,9 +163,10 @@ def cross_validate(base: ml_collections.ConfigDict, *, manual_dir: str, workdir:
         split_rows.write_split_file(split_file, split_of)
         split = np.array([split_of[str(i)] for i in image_ids])
         counts = {s: (int(np.sum(split == s)), int(np.sum(labels[split == s]))) for s in ("train", "validation", "test")}
-        network, seconds, cpu_seconds, baseline = [], [], [], {}
+        network, seconds, cpu_seconds, baseline, predictions = [], [], [], {}, []
         for seed in seeds:
             run_dir = workdir / "runs" / f"fold{fold}_seed{seed}"
+            predictions.append(run_dir / "predictions_test.csv")
             shutil.rmtree(run_dir, ignore_errors=True)
             start, start_cpu = time.perf_counter(), _cpu_seconds()
             out = classifier.train_classifier(fold_config(base, str(data_dir), str(split_file), image_size, seed),
@@ -174,9 +175,7 @@ def cross_validate(base: ml_collections.ConfigDict, *, manual_dir: str, workdir:
             cpu_seconds.append(_cpu_seconds() - start_cpu)
             network.append(out["test_auc"][POSITIVE])
             baseline = {name: b["test_auc"][POSITIVE] for name, b in out["baselines"].items()}
-        ensemble = ensemble_auc([workdir / "runs" / f"fold{fold}_seed{seed}" / "predictions_test.csv"
-                                 for seed in seeds])
-        results.append(FoldResult(fold, counts, network, baseline, seconds, cpu_seconds, ensemble))
+        results.append(FoldResult(fold, counts, network, baseline, seconds, cpu_seconds, ensemble_auc(predictions)))
         logging.info("fold %d: network %s, baselines %s", fold, network, baseline)
     return results
 

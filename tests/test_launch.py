@@ -31,6 +31,13 @@ with open(os.environ["FAKE_TOOL_LOG"], "a") as log:
     log.write(json.dumps(record) + "\\n")
 if name == "gcloud" and "describe" in sys.argv:
     print("{FAKE_IP}")
+if name == "gcloud" and any("xray_dit.main" in a for a in sys.argv) and os.path.exists(
+        os.path.join(os.path.dirname(sys.argv[0]), "tensorboard")):
+    # The real run lasts long enough for a TensorBoard started before it to come up: wait for the fake one to
+    # have started, or the launcher's exit could stop it before it recorded its call.
+    deadline = time.time() + 30
+    while time.time() < deadline and '"tool": "tensorboard"' not in open(os.environ["FAKE_TOOL_LOG"]).read():
+        time.sleep(0.05)
 if name == "scontrol":
     print("headnode\\nsecondnode")
 if name == "tensorboard":

@@ -192,7 +192,8 @@ def get_config(arg=None):
         # training images of different patients instead (the fixed value above is then unused).
         duplicate_threshold_percentile=0.0,
         # Privacy calibration (05_filter): held-out target-class → training target-class distances from
-        # validation when it holds this many target images, else from training patients split off for it.
+        # validation when it holds this many target images, else each training target image → the training
+        # target images of other patients (cross-fitted over patient folds).
         calibration_min_count=50,
         privacy_max_shift=2,           # pixel distance: the smallest over translations of up to this many px
         # 08_privacy: injected near-copies of training images (positive control of the privacy thresholds)

@@ -29,24 +29,54 @@ def test_class_matched_reference_uses_validation_when_it_holds_enough():
     assert "12 validation images" in ref.description
 
 
-def test_class_matched_reference_splits_off_whole_training_patients_when_validation_is_small():
+def test_class_matched_reference_cross_fits_training_patients_when_validation_is_small():
     rng = np.random.default_rng(1)
     validation, train = rng.normal(size=(3, 5)), rng.normal(size=(60, 5))
     patients = rng.integers(0, 25, 60).astype(str)   # 1..several images per patient
     ref = calibration.class_matched_reference(validation, train, patients, min_count=10, nearest_fn=euclidean_nn,
-                                              seed=4)
-    assert ref.source == "train split-off"
-    held, kept = patients[ref.heldout_index], patients[ref.reference_index]
-    assert not set(held) & set(kept), "a patient on both sides of the split"
-    assert sorted(np.concatenate([ref.heldout_index, ref.reference_index])) == list(range(60))
-    assert 10 <= ref.heldout_count == len(ref.heldout_index) <= 30
-    assert ref.heldout_patients == len(set(held))
-    np.testing.assert_allclose(ref.distances, brute_nearest(train[ref.heldout_index], train[ref.reference_index]),
-                               atol=1e-12)
+                                              folds=5, seed=4)
+    assert ref.source == "train, patient folds" and ref.heldout_count == 60
+    assert ref.heldout_patients == len(set(patients))
+    fold = calibration.patient_folds(patients, 5, 4)
+    for patient in set(patients):   # a patient's images share one fold
+        assert len(set(fold[patients == patient])) == 1
+    assert len(set(fold)) == 5 and np.bincount(np.bincount(fold)).size > 0
+    # Each image against every image of the other folds, by brute force.
+    expected = [np.linalg.norm(train[fold != fold[i]] - train[i], axis=1).min() for i in range(60)]
+    np.testing.assert_allclose(ref.distances, expected, atol=1e-12)
     assert "only 3 images" in ref.description and "fewer than 10" in ref.description
-    # At most half the training images are held out, whatever min_count asks for.
-    greedy = calibration.class_matched_reference(validation, train, patients, min_count=1000, nearest_fn=euclidean_nn)
-    assert 30 <= greedy.heldout_count < 60 and len(greedy.reference_index) > 0
+    # Never against an image of the same patient: a patient whose two images are identical gets no distance 0.
+    twins = np.concatenate([train, train[:1]])
+    ref_twins = calibration.class_matched_reference(validation, twins, np.append(patients, patients[0]),
+                                                    min_count=10, nearest_fn=euclidean_nn, folds=5, seed=4)
+    assert ref_twins.distances.min() > 0
+    # More folds: a reference nearer the whole set, so distances can only shrink or stay.
+    loo = calibration.class_matched_reference(validation, train, patients, min_count=10, nearest_fn=euclidean_nn,
+                                              folds=1000)
+    assert np.mean(loo.distances) <= np.mean(ref.distances)
+
+
+def test_patient_folds_deal_patients_evenly_and_reproducibly():
+    patients = np.repeat(np.arange(23), 3)
+    fold = calibration.patient_folds(patients, 5, seed=0)
+    counts = np.bincount(fold[::3])     # patients per fold
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 23
+    np.testing.assert_array_equal(fold, calibration.patient_folds(patients, 5, seed=0))
+    assert not np.array_equal(fold, calibration.patient_folds(patients, 5, seed=1))
+    assert len(set(calibration.patient_folds(patients[:6], 5, seed=0))) == 2   # never more folds than patients
+
+
+def test_calibration_cross_fitted_on_training_images_spares_new_patients(phantom_target_class):
+    """Without validation images the threshold comes from the training images themselves; new patients' images
+    must still be flagged at about the percentile's rate, not more."""
+    (train, train_patients), fresh = phantom_target_class["train"], phantom_target_class["test"][0]
+    nearest = functools.partial(privacy.shift_tolerant_pixel_nearest_neighbours, max_shift=2)
+    reference = calibration.class_matched_reference(train[:0], train, train_patients, min_count=30,
+                                                    nearest_fn=nearest)
+    assert reference.source == "train, patient folds"
+    threshold = privacy.privacy_threshold(heldout_to_train_distances=reference.distances, percentile=1.0)
+    flagged = privacy.is_memorised(nearest(fresh, train)[0], threshold)
+    assert len(flagged) >= 50 and flagged.mean() <= 0.05, (flagged.mean(), len(flagged))
 
 
 # ---- positive controls -------------------------------------------------------------------------------------

@@ -27,31 +27,33 @@ NearestFn = Callable[[np.ndarray, np.ndarray], tuple]   # (query, reference) -> 
 # ---- class-matched calibration -----------------------------------------------------------------------------
 class ClassMatchedReference(NamedTuple):
     distances: np.ndarray        # each held-out target-class image → its nearest reference image
-    source: str                  # "validation" or "train split-off"
+    source: str                  # "validation" or "train, patient folds"
     description: str             # one sentence for the report: what was held out and why
     heldout_count: int
     heldout_patients: int | None  # None when validation patient ids were not given
-    reference_index: np.ndarray  # rows of train_target that served as the training reference
+    reference_index: np.ndarray  # rows of train_target that served as a training reference
     heldout_index: np.ndarray    # rows of validation_target (source "validation") or of train_target
 
 
 def class_matched_reference(validation_target, train_target, train_patients, *, min_count: int,
                             validation_patients=None, nearest_fn: NearestFn = privacy.pixel_nearest_neighbours,
-                            seed: int = 0) -> ClassMatchedReference:
+                            folds: int = 20, seed: int = 0) -> ClassMatchedReference:
     """Held-out target-class → training target-class nearest-neighbour distances, for a privacy threshold.
 
     Validation images of the target class are used when there are at least `min_count` of them. Otherwise
-    whole training patients of the target class are split off (in a seeded random order) until `min_count`
-    images, at most half of the training target images, are held out; their distances are taken to the
-    remaining training target images. The smaller reference makes those distances slightly larger, so the
-    threshold errs towards flagging more (the safe side). Test images never enter.
+    every training image of the target class is held out once, cross-fitted: the training patients are dealt
+    (in a seeded random order) into `folds` folds, and each fold's images get their distance to the images of
+    the other folds. The reference then holds nearly all training images (at least (folds − 1) / folds of
+    them on average), as it does for a generated or a new patient's image scored against the whole training
+    set: a reference half that size (a one-off split) makes the distances larger and the threshold flag
+    new patients more often than its percentile says. Test images never enter.
     `nearest_fn(query, reference)` returns distances first (pixel, shift-tolerant or feature space).
     """
     validation_target, train_target = np.asarray(validation_target), np.asarray(train_target)
     train_patients = np.asarray(train_patients)
-    if len(train_patients) != len(train_target) or min_count < 1:
+    if len(train_patients) != len(train_target) or min_count < 1 or folds < 2:
         raise ValueError(f"need one patient id per training image ({len(train_patients)} ids for "
-                         f"{len(train_target)} images) and min_count >= 1 (got {min_count})")
+                         f"{len(train_target)} images), min_count >= 1 and folds >= 2 (got {min_count}, {folds})")
     if len(validation_target) >= min_count:
         distances = nearest_fn(validation_target, train_target)[0]
         return ClassMatchedReference(
@@ -60,31 +62,31 @@ def class_matched_reference(validation_target, train_target, train_patients, *, 
             f"{len(train_target)} training images of the target class",
             len(validation_target), None if validation_patients is None else len(np.unique(validation_patients)),
             np.arange(len(train_target)), np.arange(len(validation_target)))
-    heldout = _patient_split_off(train_patients, min(min_count, len(train_target) // 2), seed)
-    reference = np.flatnonzero(~heldout)
-    if not heldout.any() or not len(reference):
+    fold = patient_folds(train_patients, folds, seed)
+    if len(np.unique(fold)) < 2:
         raise ValueError(f"cannot hold out training patients of the target class: {len(train_target)} images "
-                         f"of {len(np.unique(train_patients))} patients")
-    distances = nearest_fn(train_target[heldout], train_target[reference])[0]
-    count, patients = int(heldout.sum()), len(np.unique(train_patients[heldout]))
+                         f"of {len(np.unique(train_patients))} patient(s)")
+    distances = np.empty(len(train_target))
+    for f in np.unique(fold):
+        distances[fold == f] = np.asarray(nearest_fn(train_target[fold == f], train_target[fold != f])[0])
+    count, patients = len(train_target), len(np.unique(train_patients))
     return ClassMatchedReference(
-        np.asarray(distances), "train split-off",
+        distances, "train, patient folds",
         f"validation holds only {len(validation_target)} images of the target class (fewer than {min_count}); "
-        f"{count} training images of {patients} patients of the target class were held out instead, "
-        f"→ their nearest of the other {len(reference)} training images of the target class",
-        count, patients, reference, np.flatnonzero(heldout))
+        f"each of the {count} training images of the target class ({patients} patients, dealt into "
+        f"{len(np.unique(fold))} folds by patient) → its nearest training image of the target class in the "
+        f"other folds", count, patients, np.arange(count), np.arange(count))
 
 
-def _patient_split_off(patients: np.ndarray, wanted: int, seed: int) -> np.ndarray:
-    """Mask of whole patients, taken in a seeded random order until `wanted` images are covered; at least
-    one patient always stays outside the mask."""
-    order = np.random.default_rng(seed).permutation(np.unique(patients))
-    mask = np.zeros(len(patients), bool)
-    for patient in order[:-1]:
-        if mask.sum() >= wanted:
-            break
-        mask |= patients == patient
-    return mask
+def patient_folds(patients, folds: int, seed: int) -> np.ndarray:
+    """Fold index per image: whole patients dealt round-robin, in a seeded random order, into
+    min(folds, number of patients) folds."""
+    patients = np.asarray(patients)
+    unique, inverse = np.unique(patients, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of_patient = np.empty(len(unique), int)
+    fold_of_patient[order] = np.arange(len(unique)) % min(folds, len(unique))
+    return fold_of_patient[inverse]
 
 
 # ---- positive controls -------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ here), and every generator's images are judged against the same thresholds:
                   Pearson correlation, minimised over shifts of up to study.privacy_max_shift px) or in
                   feature space (cosine). The generator learned that class only, so both sides of the
                   calibration are of that class (`calibration.class_matched_reference`: validation, or
-                  training patients split off when validation holds fewer than study.calibration_min_count)
+                  the training images cross-fitted over patient folds when validation holds fewer than
+                  study.calibration_min_count)
   duplicates      a sample whose pixel correlation with an earlier kept sample of the same generator
                   exceeds the duplicate threshold is rejected (one of each near-identical pair is kept);
                   the threshold is study.duplicate_threshold, or with study.duplicate_threshold_percentile

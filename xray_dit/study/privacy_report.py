@@ -156,11 +156,7 @@ def report_section(priv: dict, filt: dict, config) -> list[tuple]:
                             f"(shifted by up to {controls['perturbation']['max_shift_px']} px, contrast ±10 %, noise) "
                             f"must be flagged; {controls['fresh']} {controls['fresh_source']} must not "
                             "(Clopper-Pearson 95 % intervals)."
-                            + (f" {controls['reason']}." if "reason" in controls else "")
-                            + (" The thresholds were calibrated against the training images left after the "
-                               "split-off, and new patients meet all of them, which brings them closer: more "
-                               "flags, the safe side." if filt["calibration"]["pixel"]["source"] != "validation"
-                               else "")))
+                            + (f" {controls['reason']}." if "reason" in controls else "")))
         rows = _controls_rows(controls)
         if rows:
             blocks.append(("table", ["detector", "near-copies flagged [95% CI]", "new patients flagged [95% CI]"],

@@ -73,6 +73,8 @@ def test_pixel_baselines_detectability_and_scarcity_appear_when_measured(compare
         "all generated": {"auc": 0.91, "lower": 0.85, "upper": 0.96, "n_real": 40, "n_synthetic": 16}}
     scarce = copy.deepcopy(context.results)
     scarce["07_compare"].update(fraction=0.25, train_target_positives=10)
+    scarce["07_compare"]["family"][0].update(p_holm=0.0123, significant=True)
+    scarce["07_compare"]["primary"][0]["statement"] = "the primary contrast at a quarter of the positives"
     context.results["fractions"] = {"1.0": context.results, "0.25": scarce}
     text = _written(context)
     baseline = text.split("## Baseline")[1].split("## Classifier performance")[0]
@@ -81,6 +83,13 @@ def test_pixel_baselines_detectability_and_scarcity_appear_when_measured(compare
     assert "| all generated | 0.910 [0.850, 0.960] | 40 | 16 |" in detect
     assert (context.workdir / "09_report" / "scarcity.png").exists() and "Scarcity:" in text
     assert "reports target fraction 1, the largest of the study's fractions (1, 0.25)" in text
+    # The scarcer fraction gets its own primary endpoint and Holm table, inside the scarcity section.
+    scarcity = text.split("## Dose-response and scarcity")[1].split("## Detectability")[0]
+    quarter = scarcity.split("### Target fraction 0.25 (10 real Cardiomegaly training images)")[1]
+    assert "the primary contrast at a quarter of the positives" in quarter
+    first = scarce["07_compare"]["family"][0]["name"]
+    assert any(line.startswith(f"| {first} |") and line.endswith("| 0.0123 | yes |") for line in quarter.splitlines())
+    assert "### Target fraction 1" not in scarcity
 
 
 def test_scarcity_series_put_each_fraction_at_its_real_positives(compared):

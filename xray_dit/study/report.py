@@ -56,7 +56,8 @@ def _fraction_text(compare: dict, fractions: dict | None) -> str:
         return ""
     listed = ", ".join(f"{float(f):g}" for f in fractions)
     return (f" Every section but the scarcity curve reports target fraction {compare.get('fraction', 1.0):g}, the "
-            f"largest of the study's fractions ({listed}).")
+            f"largest of the study's fractions ({listed}); the scarcity section gives each other fraction's primary "
+            "endpoint and Holm table.")
 
 
 def _baseline_section(report: Report, config, compare: dict, baseline: dict) -> None:

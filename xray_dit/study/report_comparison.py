@@ -65,8 +65,14 @@ def family_section(report: Report, compare: dict) -> None:
              f"two-level bootstrap, {compare['bootstrap_samples']} resamples)."
              + (f" The plan named {planned}: arms whose dose was capped at the accepted synthetic count, or "
                 "kinds this run did not train, make the difference." if planned != len(family) else ""))
+    _family_table(report, compare)
+    report.bullets(compare["statements"])
+
+
+def _family_table(report: Report, compare: dict) -> None:
+    estimand = compare["plan"]["decision_estimand"]
     rows = []
-    for e in family:
+    for e in compare["family"]:
         d, other = e[estimand], e["ensemble" if estimand == "single_model" else "single_model"]
         rows.append([e["name"], ci_text((d["estimate"], d["lower"], d["upper"]), signed=True),
                      ci_text((other["estimate"], other["lower"], other["upper"]), signed=True),
@@ -74,7 +80,6 @@ def family_section(report: Report, compare: dict) -> None:
     other_name = _estimand_name("ensemble" if estimand == "single_model" else "single_model")
     report.table(["arm", f"Δ AUC, {_estimand_name(estimand)} [95% CI]", f"Δ AUC, {other_name} [95% CI]", "p",
                   "Holm p", "significant"], rows)
-    report.bullets(compare["statements"])
 
 
 def forest_section(report: Report, compare: dict) -> None:
@@ -105,6 +110,25 @@ def dose_and_scarcity_section(report: Report, compare: dict, fractions: Mapping[
         title=f"Scarcity ({_estimand_name(compare['plan']['decision_estimand'])}; two-level bootstrap 95% CI)")
     report.figure(str(figure), "Scarcity: the primary contrast and the synthetic arm's gain over real only, "
                                "against the real target-class training images each fraction keeps")
+    _other_fractions(report, compare, fractions)
+
+
+def _other_fractions(report: Report, compare: dict, fractions: Mapping[str, dict]) -> None:
+    """Each other fraction's primary endpoint and its own Holm family: a scarcer fraction is a study of its
+    own (its baseline, arms and test comparisons), and where real positives are few a gain has room to show."""
+    for fraction, results in fractions.items():
+        other = results["07_compare"]
+        if float(fraction) == float(compare.get("fraction", 1.0)):
+            continue
+        positives = other.get("train_target_positives")
+        report.h(3, f"Target fraction {float(fraction):g}"
+                    + (f" ({positives} real {compare['target']} training images)" if positives is not None else ""))
+        report.bullets([entry["statement"] for entry in other["primary"]] or
+                       ["The primary endpoint could not be computed: " + "; ".join(other["primary_missing"])])
+        if other["family"]:
+            report.p(f"Every arm against real only at this fraction: {len(other['family'])} comparisons, "
+                     "Holm-adjusted together.")
+            _family_table(report, other)
 
 
 def scarcity_series(fractions: Mapping[str, dict]) -> tuple[dict[str, list[tuple]], dict[float, str]]:

@@ -93,3 +93,13 @@ def trained_dit(tmp_path_factory, trained_vae):
     config.dit.train.log_every = 1
     result = dit.train_dit(config, workdir, vae_dir=str(trained_vae[0] / "export"))
     return workdir, config, result
+
+
+# ---- Order for two workers (pytest-xdist, --dist loadfile: a file's tests stay on one worker) ------------
+# The micro study's module fixture alone takes about a third of the suite: started last it would run on one
+# worker while the other idles, so it goes first.
+LONGEST_FILES = ("test_study_phases.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FILES)
